@@ -1,0 +1,211 @@
+"""Public functions (DESIGN.md section 2): shape checks, the row layout, then one op each.
+
+Frozen-model inputs (``ref``, ``weak_aligned``, ``weak_base``) are each one of
+- logits ``[B, T, V_m]`` (or ``[N, V_m]``), V_m may differ between models;
+- per-token logps exactly as ``token_logprobs(..., shift=shift)`` returns them;
+- a ``(hidden, weight)`` or ``(hidden, weight, bias)`` tuple: that model's final hidden states and lm_head.
+They are constants of the loss: no gradient flows into them.
+
+Sequences without a single response token contribute 0 and are left out of the mean (B' counts
+only sequences with at least one token); the official implementation returns NaN there.
+"""
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import ops
+from ._inputs import (check_float, check_gamma, check_normalizer, check_reduction, check_same_device,
+                      make_layout, rows_of)
+from .dispatch import check_choice
+
+__all__ = ["token_logprobs", "linear_token_logprobs", "weak_log_ratio", "wspo_loss", "linear_wspo_loss",
+           "WSPOOutput"]
+
+
+class WSPOOutput(NamedTuple):
+    """``return_metrics=True``: the loss and detached per-token metrics (0 on ignored tokens)."""
+    loss: torch.Tensor
+    policy_logps: torch.Tensor       # l^policy_t
+    strong_log_ratio: torch.Tensor   # Δs_t = l^policy_t - l^ref_t   (implicit reward: gamma * Δs_t)
+    weak_log_ratio: torch.Tensor     # Δw_t = l^aligned_t - l^base_t
+    mask: torch.Tensor               # True on tokens that count
+
+
+def _linear_rows(hidden, weight, bias, layout, name):
+    """Check a (hidden, lm_head weight, bias) triple against the label grid; hidden as [N, H] rows."""
+    check_float(hidden, f"{name} hidden")
+    check_float(weight, f"{name} weight")
+    if bias is not None:
+        check_float(bias, f"{name} bias")
+    check_same_device(layout.labels, **{f"{name} hidden": hidden, f"{name} weight": weight, f"{name} bias": bias})
+    grid = (layout.num_seqs, layout.seq_len) if layout.seq_len is not None else (layout.num_rows,)
+    if hidden.dim() != len(grid) + 1 or tuple(hidden.shape[:-1]) != grid:
+        raise ValueError(f"{name} hidden must have shape {grid + ('H',)} to match labels, got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"{name} weight must be [V, H={hidden.shape[-1]}], got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{name} bias must be [V={weight.shape[0]}], got {tuple(bias.shape)}")
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def _frozen(x, layout, name, backend):
+    """A frozen model's input as ('logits', [N, V] rows) or ('logps', [N] float)."""
+    if isinstance(x, (tuple, list)):
+        if len(x) not in (2, 3):
+            raise ValueError(f"{name} as a tuple must be (hidden, weight) or (hidden, weight, bias)")
+        hidden, weight, bias = (*x, None)[:3]
+        h = _linear_rows(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), layout, name)
+        with torch.no_grad():
+            return "logps", ops.linear_logprobs(h, weight.detach(), None if bias is None else bias.detach(),
+                                                layout.labels, layout.ignore_index, backend)[0]
+    check_float(x, name)
+    check_same_device(layout.labels, **{name: x})
+    x = x.detach()
+    if x.dim() == len(layout.token_shape) + 1:
+        return "logits", rows_of(x, layout, name)
+    if tuple(x.shape) != tuple(layout.token_shape):
+        raise ValueError(
+            f"{name} must be logits of shape {tuple(layout.token_shape[:-1]) + ('<T>', 'V')} or per-token logps "
+            f"of shape {tuple(layout.token_shape)} (as token_logprobs returns them with shift={layout.shift}); "
+            f"got {tuple(x.shape)}")
+    return "logps", layout.from_user(x, name)
+
+
+def _logps_of(kind_value, layout, backend):
+    kind, value = kind_value
+    if kind == "logps":
+        return value
+    with torch.no_grad():
+        return ops.logprobs(value, layout.labels, layout.ignore_index, backend)[0]
+
+
+def _frozen_all(ref, weak_aligned, weak_base, layout, backend):
+    return tuple(_frozen(x, layout, name, backend)
+                 for x, name in ((ref, "ref"), (weak_aligned, "weak_aligned"), (weak_base, "weak_base")))
+
+
+def _frozen_terms_from(r, a, w, layout, backend):
+    """(l^ref [N], Δw [N]) from resolved frozen inputs; aligned and base logits are read in one pass."""
+    if a[0] == w[0] == "logits":
+        delta_w = ops.weak_log_ratio(a[1], w[1], layout.labels, layout.ignore_index, backend)
+    else:
+        delta_w = _logps_of(a, layout, backend) - _logps_of(w, layout, backend)
+    return _logps_of(r, layout, backend), delta_w
+
+
+def _prepare(labels, gamma, ignore_index, shift, reduction, normalizer, cu_seqlens, backend):
+    check_choice(backend)
+    gamma = check_gamma(gamma)
+    check_reduction(reduction)
+    normalizer = check_normalizer(normalizer, reduction)
+    layout = make_layout(labels, shift=shift, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
+    return gamma, normalizer, layout
+
+
+def _reduce(loss_t, layout, reduction):
+    return layout.per_seq_sum(loss_t) if reduction == "none" else loss_t.sum()
+
+
+def _with_metrics(loss, logp, lr, delta_w, layout):
+    logp = logp.detach()
+    mask = layout.labels != layout.ignore_index
+    strong = torch.where(mask, logp - lr.to(logp.dtype), torch.zeros_like(logp))
+    return WSPOOutput(loss, layout.to_user(logp), layout.to_user(strong),
+                      layout.to_user(delta_w.to(logp.dtype)), layout.to_user(mask))
+
+
+def token_logprobs(logits, labels, *, ignore_index=-100, shift=False, cu_seqlens=None, backend=None):
+    """log softmax(logits)[label] per token, float32 (float64 for float64 logits), 0 where ignored.
+
+    ``[B, T, V]`` logits with ``[B, T]`` labels give ``[B, T]`` (``[B, T-1]`` with ``shift=True``:
+    logits at t score label t+1).  Differentiable w.r.t. ``logits`` (the backward recomputes the
+    softmax from the saved log-sum-exp; no probabilities are stored).
+    """
+    check_choice(backend)
+    layout = make_layout(labels, shift=shift, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
+    rows = rows_of(logits, layout, "logits")
+    return layout.to_user(ops.logprobs(rows, layout.labels, ignore_index, backend or "")[0])
+
+
+def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, shift=False, cu_seqlens=None,
+                          backend=None):
+    """token_logprobs of ``hidden @ weight.T + bias`` without materialising more than a chunk of logits.
+
+    Differentiable w.r.t. hidden, weight and bias (fp32 accumulation of the weight gradient).
+    """
+    check_choice(backend)
+    layout = make_layout(labels, shift=shift, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
+    h = _linear_rows(hidden, weight, bias, layout, "linear_token_logprobs")
+    return layout.to_user(ops.linear_logprobs(h, weight, bias, layout.labels, ignore_index, backend or "")[0])
+
+
+def weak_log_ratio(aligned_logits, base_logits, labels, *, ignore_index=-100, shift=False, cu_seqlens=None,
+                   backend=None):
+    """Δw_t = l^aligned_t - l^base_t from both models' logits in one pass (vocab sizes may differ).
+
+    The weak models are frozen: the result carries no gradient.
+    """
+    check_choice(backend)
+    layout = make_layout(labels, shift=shift, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
+    a = rows_of(aligned_logits.detach(), layout, "aligned_logits")
+    w = rows_of(base_logits.detach(), layout, "base_logits")
+    return layout.to_user(ops.weak_log_ratio(a, w, layout.labels, ignore_index, backend or ""))
+
+
+def wspo_loss(policy_logits, labels, *, ref, weak_aligned, weak_base, gamma=0.1, ignore_index=-100, shift=True,
+              reduction="mean", normalizer=None, cu_seqlens=None, return_metrics=False, backend=None):
+    """The WSPO loss (DESIGN.md section 1) from the policy's logits; gradient w.r.t. the policy only.
+
+    When ``ref``, ``weak_aligned`` and ``weak_base`` are all logits, one fused pass reads the four
+    logits once and writes the policy gradient in the same pass.  ``reduction`` is "mean" (over
+    sequences with at least one token, or divided by ``normalizer``), "sum" or "none" (``[B]``).
+    ``return_metrics=True`` returns a :class:`WSPOOutput`.
+    """
+    gamma, normalizer, layout = _prepare(labels, gamma, ignore_index, shift, reduction, normalizer, cu_seqlens,
+                                         backend)
+    policy = rows_of(policy_logits, layout, "policy_logits")
+    backend = backend or ""
+    acc = torch.float64 if policy.dtype == torch.float64 else torch.float32
+    w_t = layout.token_weights(reduction, normalizer, acc)
+    compute_grad = torch.is_grad_enabled() and policy_logits.requires_grad
+    r, a, w = _frozen_all(ref, weak_aligned, weak_base, layout, backend)
+    if r[0] == a[0] == w[0] == "logits":
+        loss_t, logps, _ = ops.wspo_four(policy, r[1], a[1], w[1], layout.labels, w_t, gamma, ignore_index,
+                                         compute_grad, backend)
+        logp, lr, delta_w = logps[0], logps[1], logps[2] - logps[3]
+    else:
+        lr, delta_w = _frozen_terms_from(r, a, w, layout, backend)
+        k = gamma * lr.to(acc) + delta_w.to(acc)
+        loss_t, logp, _ = ops.wspo_rows(policy, layout.labels, k, w_t, gamma, ignore_index, compute_grad, backend)
+    loss = _reduce(loss_t, layout, reduction)
+    return _with_metrics(loss, logp, lr, delta_w, layout) if return_metrics else loss
+
+
+def linear_wspo_loss(policy_hidden, lm_head_weight, labels, *, ref, weak_aligned, weak_base, gamma=0.1, bias=None,
+                     ignore_index=-100, shift=True, reduction="mean", normalizer=None, cu_seqlens=None,
+                     return_metrics=False, backend=None):
+    """The WSPO loss from the policy's final hidden states and lm_head, never materialising the logits.
+
+    Gradients w.r.t. ``policy_hidden``, ``lm_head_weight`` and ``bias`` (fp32 accumulation).  For
+    "mean"/"sum" the gradient is written during the forward pass; "none" recomputes in the backward.
+    """
+    gamma, normalizer, layout = _prepare(labels, gamma, ignore_index, shift, reduction, normalizer, cu_seqlens,
+                                         backend)
+    h = _linear_rows(policy_hidden, lm_head_weight, bias, layout, "policy")
+    backend = backend or ""
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    w_t = layout.token_weights(reduction, normalizer, acc)
+    r, a, w = _frozen_all(ref, weak_aligned, weak_base, layout, backend)
+    lr, delta_w = _frozen_terms_from(r, a, w, layout, backend)
+    k = gamma * lr.to(acc) + delta_w.to(acc)
+    if reduction == "none":  # per-sequence upstream gradients: backprop through the logps instead
+        logp = ops.linear_logprobs(h, lm_head_weight, bias, layout.labels, ignore_index, backend)[0]
+        d = gamma * logp - k
+        loss = _reduce(w_t * d * d, layout, reduction)
+    else:
+        grad_on = torch.is_grad_enabled()
+        grad_hidden = grad_on and policy_hidden.requires_grad
+        grad_weight = grad_on and (lm_head_weight.requires_grad or (bias is not None and bias.requires_grad))
+        loss, logp, *_ = ops.linear_wspo(h, lm_head_weight, bias, layout.labels, k, w_t, gamma, ignore_index,
+                                         grad_hidden, grad_weight, backend)
+    return _with_metrics(loss, logp, lr, delta_w, layout) if return_metrics else loss

@@ -1,0 +1,1 @@
+"""Backends: each module implements the same row kernels (see ``torch_rows`` for the contract)."""

@@ -1,0 +1,100 @@
+"""Linear (hidden-state) forms: logits computed a chunk of rows at a time, never all N at once.
+
+    z_c = h_c W^T + b          (fp32 GEMM of one chunk of rows; W upcast once per call)
+    row kernels of the chosen backend on z_c (log-sum-exp, label logit, gradient written over z_c)
+    dh_c = G_c W,   dW += G_c^T h_c,   db += sum_rows G_c          (fp32 accumulation of dW, db)
+
+Peak extra memory is one chunk of fp32 logits (``LINEAR_CHUNK_ELEMS``) plus the fp32 dW/db
+accumulators: flat in N.  ``linear_wspo`` writes the gradient in the forward pass (it needs the
+reduced loss to be a scalar: the backward then only scales dh, dW, db); ``linear_logprobs`` saves
+only the per-row lse and recomputes each chunk's logits in its backward.
+"""
+import torch
+
+LINEAR_CHUNK_ELEMS = 1 << 22   # fp32 logits per chunk (16 MB)
+
+
+def _acc(h: torch.Tensor) -> torch.dtype:
+    return torch.float64 if h.dtype == torch.float64 else torch.float32
+
+
+def _chunks(n_rows: int, vocab: int):
+    step = max(1, LINEAR_CHUNK_ELEMS // vocab)
+    for r0 in range(0, n_rows, step):
+        yield slice(r0, min(r0 + step, n_rows))
+
+
+def _logits(h_c, w_acc, b_acc):
+    z = h_c.to(w_acc.dtype) @ w_acc.t()
+    return z if b_acc is None else z.add_(b_acc)
+
+
+def _upcast(weight, bias, acc):
+    return weight.to(acc), None if bias is None else bias.to(acc)
+
+
+def linear_logprobs(rows, hidden, weight, bias, labels, ignore_index):
+    acc = _acc(hidden)
+    w_acc, b_acc = _upcast(weight, bias, acc)
+    n = hidden.shape[0]
+    logp = torch.empty(n, dtype=acc, device=hidden.device)
+    lse = torch.empty(n, dtype=acc, device=hidden.device)
+    for r in _chunks(n, weight.shape[0]):
+        logp[r], lse[r] = rows.logprobs(_logits(hidden[r], w_acc, b_acc), labels[r], ignore_index)
+    return logp, lse
+
+
+def _accumulate(g, h_c, w_acc, dh, dw, db, r):
+    """Backprop one chunk's logits gradient ``g`` through the GEMM into dh, dW, db (None: not wanted)."""
+    if dh is not None:
+        dh[r] = g @ w_acc
+    if dw is not None:
+        dw.addmm_(g.t(), h_c.to(g.dtype))
+    if db is not None:
+        db += g.sum(0)
+
+
+def _grad_buffers(hidden, weight, bias, acc, grad_hidden, grad_weight):
+    dh = torch.empty_like(hidden) if grad_hidden else None
+    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if grad_weight else None
+    db = torch.zeros(bias.shape, dtype=acc, device=bias.device) if grad_weight and bias is not None else None
+    return dh, dw, db
+
+
+def _finish(hidden, weight, bias, dh, dw, db):
+    """Gradients in the parameters' dtypes; an empty tensor stands for one that was not computed."""
+    empty = hidden.new_empty(0)
+    return (empty if dh is None else dh,
+            empty if dw is None else dw.to(weight.dtype),
+            empty if db is None else db.to(bias.dtype))
+
+
+def linear_logprobs_backward(rows, grad_logp, hidden, weight, bias, labels, lse, ignore_index,
+                             grad_hidden, grad_weight):
+    acc = _acc(hidden)
+    w_acc, b_acc = _upcast(weight, bias, acc)
+    dh, dw, db = _grad_buffers(hidden, weight, bias, acc, grad_hidden, grad_weight)
+    for r in _chunks(hidden.shape[0], weight.shape[0]):
+        z = _logits(hidden[r], w_acc, b_acc)
+        g = rows.logprobs_backward(z, labels[r], lse[r], grad_logp[r], ignore_index, out=z)
+        _accumulate(g, hidden[r], w_acc, dh, dw, db, r)
+    return _finish(hidden, weight, bias, dh, dw, db)
+
+
+def linear_wspo(rows, hidden, weight, bias, labels, k, weight_t, gamma, ignore_index, grad_hidden, grad_weight):
+    """Returns (sum_t loss_t, logp [N], dh, dW, db): gradients of the summed loss, written in forward."""
+    acc = _acc(hidden)
+    w_acc, b_acc = _upcast(weight, bias, acc)
+    n = hidden.shape[0]
+    logp = torch.empty(n, dtype=acc, device=hidden.device)
+    loss = torch.zeros((), dtype=acc, device=hidden.device)
+    compute_grad = grad_hidden or grad_weight
+    dh, dw, db = _grad_buffers(hidden, weight, bias, acc, grad_hidden, grad_weight)
+    for r in _chunks(n, weight.shape[0]):
+        z = _logits(hidden[r], w_acc, b_acc)
+        loss_r, logp[r] = rows.wspo_rows(z, labels[r], k[r], weight_t[r], gamma, ignore_index,
+                                         z if compute_grad else None)
+        loss += loss_r.sum()
+        if compute_grad:
+            _accumulate(z, hidden[r], w_acc, dh, dw, db, r)
+    return (loss, logp, *_finish(hidden, weight, bias, dh, dw, db))

@@ -1,0 +1,48 @@
+"""Choosing a backend: one function, by device, dtype and what is installed (DESIGN.md section 5).
+
+``WSPO_KERNELS_BACKEND`` (process-wide) or the ``backend=`` keyword of every public function picks
+one of ``auto`` (default), ``torch`` (portable), ``native`` (csrc C++/CUDA) or ``triton``.  A forced
+backend that cannot run raises a RuntimeError naming what is missing; ``auto`` never fails for lack
+of an optional backend.
+"""
+import importlib
+import os
+
+import torch
+
+ENV_VAR = "WSPO_KERNELS_BACKEND"
+CHOICES = ("auto", "torch", "native", "triton")
+# Fastest first, per device type; "torch" runs anywhere and ends every list.
+_AUTO_ORDER = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}
+_MODULES = {"torch": "torch_rows", "native": "native", "triton": "triton_rows"}
+
+
+def check_choice(backend) -> None:
+    if backend is not None and backend not in CHOICES:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {CHOICES}")
+
+
+def _module(name: str):
+    """(module, None) or (None, why it cannot be imported)."""
+    try:
+        return importlib.import_module(f"wspo_kernels.backends.{_MODULES[name]}"), None
+    except ImportError as exc:
+        return None, f"{exc}"
+
+
+def select_backend(requested: str, device: torch.device, dtype: torch.dtype):
+    """The backend module to run on tensors of ``device`` / ``dtype``; ``requested`` '' means default."""
+    name = requested or os.environ.get(ENV_VAR, "auto") or "auto"
+    if name not in CHOICES:
+        raise ValueError(f"unknown backend {name!r} (from {ENV_VAR} or backend=); choose one of {CHOICES}")
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
+            module, _ = _module(candidate)
+            if module is not None and module.unavailable_reason(device, dtype) is None:
+                return module
+    module, reason = _module(name)
+    if module is not None:
+        reason = module.unavailable_reason(device, dtype)
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} cannot run on {device.type} {dtype} tensors: {reason}")
+    return module

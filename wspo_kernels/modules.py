@@ -1,0 +1,44 @@
+"""nn.Module forms of the losses: options fixed at construction, tensors at call time."""
+import torch
+
+from ._inputs import check_gamma, check_reduction
+from .api import linear_wspo_loss, wspo_loss
+from .dispatch import check_choice
+
+__all__ = ["WSPOLoss", "LinearWSPOLoss"]
+
+
+class _WSPOBase(torch.nn.Module):
+    def __init__(self, *, gamma=0.1, ignore_index=-100, shift=True, reduction="mean", backend=None):
+        super().__init__()
+        self.gamma = check_gamma(gamma)
+        check_reduction(reduction)
+        check_choice(backend)
+        self.ignore_index, self.shift, self.reduction, self.backend = ignore_index, shift, reduction, backend
+
+    def _options(self):
+        return dict(gamma=self.gamma, ignore_index=self.ignore_index, shift=self.shift, reduction=self.reduction,
+                    backend=self.backend)
+
+    def extra_repr(self):
+        return f"gamma={self.gamma}, ignore_index={self.ignore_index}, shift={self.shift}, reduction={self.reduction!r}"
+
+
+class WSPOLoss(_WSPOBase):
+    """``WSPOLoss(gamma=0.1)(policy_logits, labels, ref=..., weak_aligned=..., weak_base=...)``."""
+
+    def forward(self, policy_logits, labels, *, ref, weak_aligned, weak_base, normalizer=None, cu_seqlens=None,
+                return_metrics=False):
+        return wspo_loss(policy_logits, labels, ref=ref, weak_aligned=weak_aligned, weak_base=weak_base,
+                         normalizer=normalizer, cu_seqlens=cu_seqlens, return_metrics=return_metrics,
+                         **self._options())
+
+
+class LinearWSPOLoss(_WSPOBase):
+    """``LinearWSPOLoss()(hidden, lm_head.weight, labels, ref=..., ...)``: logits are never materialised."""
+
+    def forward(self, policy_hidden, lm_head_weight, labels, *, ref, weak_aligned, weak_base, bias=None,
+                normalizer=None, cu_seqlens=None, return_metrics=False):
+        return linear_wspo_loss(policy_hidden, lm_head_weight, labels, ref=ref, weak_aligned=weak_aligned,
+                                weak_base=weak_base, bias=bias, normalizer=normalizer, cu_seqlens=cu_seqlens,
+                                return_metrics=return_metrics, **self._options())

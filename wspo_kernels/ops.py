@@ -1,0 +1,230 @@
+"""The package's operators, registered with ``torch.library`` so torch.compile sees one opaque op each.
+
+Each op checks its labels against every vocabulary it reads (the only data-dependent check, so it
+lives here rather than in the traced Python wrappers), picks a backend (``dispatch.select_backend``)
+and runs that backend's row kernels.  Autograd:
+
+- ``logprobs`` / ``linear_logprobs`` save the per-row lse and recompute in their backward ops;
+- ``wspo_rows`` / ``wspo_four`` return the policy gradient computed in the forward pass
+  (gradient of sum_t loss_t); their backward scales row t by the incoming dL/dloss_t, in place;
+- ``linear_wspo`` returns dh, dW, db of the summed loss; its backward scales them by the scalar.
+
+Frozen-model ops (``weak_log_ratio``) have no autograd: the public wrappers detach their inputs.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import chunked_linear
+from ._inputs import check_labels_range
+from .dispatch import select_backend
+
+_LIB = "wspo_kernels"
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _rows_backend(backend: str, x: Tensor):
+    return select_backend(backend, x.device, x.dtype)
+
+
+# ----------------------------------------------------------------------------- logprobs
+@torch.library.custom_op(f"{_LIB}::logprobs", mutates_args=())
+def logprobs(logits: Tensor, labels: Tensor, ignore_index: int, backend: str) -> Tuple[Tensor, Tensor]:
+    check_labels_range(labels, logits.shape[1], ignore_index, "logits")
+    return _rows_backend(backend, logits).logprobs(logits, labels, ignore_index)
+
+
+@logprobs.register_fake
+def _(logits, labels, ignore_index, backend):
+    n = logits.shape[0]
+    return logits.new_empty(n, dtype=_acc(logits)), logits.new_empty(n, dtype=_acc(logits))
+
+
+@torch.library.custom_op(f"{_LIB}::logprobs_backward", mutates_args=())
+def logprobs_backward(grad_logp: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, ignore_index: int,
+                      backend: str) -> Tensor:
+    out = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    return _rows_backend(backend, logits).logprobs_backward(logits, labels, lse, grad_logp, ignore_index, out)
+
+
+@logprobs_backward.register_fake
+def _(grad_logp, logits, labels, lse, ignore_index, backend):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _logprobs_setup(ctx, inputs, output):
+    logits, labels, ignore_index, backend = inputs
+    ctx.save_for_backward(logits, labels, output[1])
+    ctx.ignore_index, ctx.backend = ignore_index, backend
+
+
+def _logprobs_bwd(ctx, grad_logp, grad_lse):
+    logits, labels, lse = ctx.saved_tensors
+    grad = logprobs_backward(grad_logp.contiguous(), logits, labels, lse, ctx.ignore_index, ctx.backend)
+    return grad, None, None, None
+
+
+logprobs.register_autograd(_logprobs_bwd, setup_context=_logprobs_setup)
+
+
+# ----------------------------------------------------------------------------- weak log-ratio
+@torch.library.custom_op(f"{_LIB}::weak_log_ratio", mutates_args=())
+def weak_log_ratio(aligned: Tensor, base: Tensor, labels: Tensor, ignore_index: int, backend: str) -> Tensor:
+    check_labels_range(labels, aligned.shape[1], ignore_index, "weak_aligned")
+    check_labels_range(labels, base.shape[1], ignore_index, "weak_base")
+    return _rows_backend(backend, aligned).weak_log_ratio(aligned, base, labels, ignore_index)
+
+
+@weak_log_ratio.register_fake
+def _(aligned, base, labels, ignore_index, backend):
+    return aligned.new_empty(aligned.shape[0], dtype=_acc(aligned))
+
+
+# ----------------------------------------------------------------------------- WSPO from logits
+def _grad_buffer(policy: Tensor, compute_grad: bool) -> Tensor:
+    return torch.empty_like(policy, memory_format=torch.contiguous_format) if compute_grad else policy.new_empty(0)
+
+
+@torch.library.custom_op(f"{_LIB}::wspo_rows", mutates_args=())
+def wspo_rows(policy: Tensor, labels: Tensor, k: Tensor, weight: Tensor, gamma: float, ignore_index: int,
+              compute_grad: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    check_labels_range(labels, policy.shape[1], ignore_index, "policy_logits")
+    grad = _grad_buffer(policy, compute_grad)
+    loss, logp = _rows_backend(backend, policy).wspo_rows(
+        policy, labels, k, weight, gamma, ignore_index, grad if compute_grad else None)
+    return loss, logp, grad
+
+
+@wspo_rows.register_fake
+def _(policy, labels, k, weight, gamma, ignore_index, compute_grad, backend):
+    n = policy.shape[0]
+    return policy.new_empty(n, dtype=_acc(policy)), policy.new_empty(n, dtype=_acc(policy)), \
+        _grad_buffer(policy, compute_grad)
+
+
+@torch.library.custom_op(f"{_LIB}::wspo_four", mutates_args=())
+def wspo_four(policy: Tensor, ref: Tensor, aligned: Tensor, base: Tensor, labels: Tensor, weight: Tensor,
+              gamma: float, ignore_index: int, compute_grad: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    for name, x in (("policy_logits", policy), ("ref", ref), ("weak_aligned", aligned), ("weak_base", base)):
+        check_labels_range(labels, x.shape[1], ignore_index, name)
+    grad = _grad_buffer(policy, compute_grad)
+    loss, logps = _rows_backend(backend, policy).wspo_four(
+        policy, ref, aligned, base, labels, weight, gamma, ignore_index, grad if compute_grad else None)
+    return loss, logps, grad
+
+
+@wspo_four.register_fake
+def _(policy, ref, aligned, base, labels, weight, gamma, ignore_index, compute_grad, backend):
+    n = policy.shape[0]
+    return policy.new_empty(n, dtype=_acc(policy)), policy.new_empty(4, n, dtype=_acc(policy)), \
+        _grad_buffer(policy, compute_grad)
+
+
+def _save_grad(ctx, inputs, output):
+    ctx.save_for_backward(output[2])
+    ctx.num_inputs = len(inputs)
+
+
+def _scale_saved_grad(ctx, grad_loss, *unused):
+    (grad,) = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * ctx.num_inputs
+    # The saved gradient is used once and then belongs to the caller: scale it in place.
+    grad.mul_(grad_loss.unsqueeze(1))
+    return (grad,) + (None,) * (ctx.num_inputs - 1)
+
+
+wspo_rows.register_autograd(_scale_saved_grad, setup_context=_save_grad)
+wspo_four.register_autograd(_scale_saved_grad, setup_context=_save_grad)
+
+
+# ----------------------------------------------------------------------------- linear forms
+@torch.library.custom_op(f"{_LIB}::linear_logprobs", mutates_args=())
+def linear_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, ignore_index: int,
+                    backend: str) -> Tuple[Tensor, Tensor]:
+    check_labels_range(labels, weight.shape[0], ignore_index, "lm_head weight")
+    rows = _rows_backend(backend, hidden)
+    return chunked_linear.linear_logprobs(rows, hidden, weight, bias, labels, ignore_index)
+
+
+@linear_logprobs.register_fake
+def _(hidden, weight, bias, labels, ignore_index, backend):
+    n = hidden.shape[0]
+    return hidden.new_empty(n, dtype=_acc(hidden)), hidden.new_empty(n, dtype=_acc(hidden))
+
+
+def _grad_likes(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], grad_hidden: bool, grad_weight: bool):
+    """Fake (dh, dW, db): an empty tensor stands for a gradient that is not computed."""
+    empty = hidden.new_empty(0)
+    return (torch.empty_like(hidden) if grad_hidden else empty,
+            torch.empty_like(weight) if grad_weight else empty,
+            torch.empty_like(bias) if grad_weight and bias is not None else empty)
+
+
+@torch.library.custom_op(f"{_LIB}::linear_logprobs_backward", mutates_args=())
+def linear_logprobs_backward(grad_logp: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                             labels: Tensor, lse: Tensor, ignore_index: int, grad_hidden: bool, grad_weight: bool,
+                             backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    rows = _rows_backend(backend, hidden)
+    return chunked_linear.linear_logprobs_backward(rows, grad_logp, hidden, weight, bias, labels, lse, ignore_index,
+                                                   grad_hidden, grad_weight)
+
+
+@linear_logprobs_backward.register_fake
+def _(grad_logp, hidden, weight, bias, labels, lse, ignore_index, grad_hidden, grad_weight, backend):
+    return _grad_likes(hidden, weight, bias, grad_hidden, grad_weight)
+
+
+def _linear_logprobs_setup(ctx, inputs, output):
+    hidden, weight, bias, labels, ignore_index, backend = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels, output[1])
+    ctx.ignore_index, ctx.backend = ignore_index, backend
+
+
+def _linear_logprobs_bwd(ctx, grad_logp, grad_lse):
+    hidden, weight, bias, labels, lse = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dh, dw, db = linear_logprobs_backward(grad_logp.contiguous(), hidden, weight, bias, labels, lse,
+                                          ctx.ignore_index, need[0], need[1] or need[2], ctx.backend)
+    return (dh if need[0] else None, dw if need[1] else None, db if need[2] else None, None, None, None)
+
+
+linear_logprobs.register_autograd(_linear_logprobs_bwd, setup_context=_linear_logprobs_setup)
+
+
+@torch.library.custom_op(f"{_LIB}::linear_wspo", mutates_args=())
+def linear_wspo(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, k: Tensor,
+                token_weight: Tensor, gamma: float, ignore_index: int, grad_hidden: bool, grad_weight: bool,
+                backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    check_labels_range(labels, weight.shape[0], ignore_index, "lm_head weight")
+    rows = _rows_backend(backend, hidden)
+    return chunked_linear.linear_wspo(rows, hidden, weight, bias, labels, k, token_weight, gamma, ignore_index,
+                                      grad_hidden, grad_weight)
+
+
+@linear_wspo.register_fake
+def _(hidden, weight, bias, labels, k, token_weight, gamma, ignore_index, grad_hidden, grad_weight, backend):
+    acc = _acc(hidden)
+    return (hidden.new_empty((), dtype=acc), hidden.new_empty(hidden.shape[0], dtype=acc),
+            *_grad_likes(hidden, weight, bias, grad_hidden, grad_weight))
+
+
+def _linear_wspo_setup(ctx, inputs, output):
+    ctx.computed = (inputs[8], inputs[9], inputs[9] and inputs[2] is not None)
+    ctx.save_for_backward(*output[2:])
+
+
+def _linear_wspo_bwd(ctx, grad_loss, *unused):
+    grads = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 11
+    # Gradients were written for d(sum loss); scale the caller's copies in place (used once).
+    scaled = tuple(g.mul_(grad_loss) if done else None for g, done in zip(grads, ctx.computed))
+    return scaled + (None,) * 8
+
+
+linear_wspo.register_autograd(_linear_wspo_bwd, setup_context=_linear_wspo_setup)
