@@ -54,9 +54,9 @@ def _frozen(x, layout, name, backend):
         if len(x) not in (2, 3):
             raise ValueError(f"{name} as a tuple must be (hidden, weight) or (hidden, weight, bias)")
         hidden, weight, bias = (*x, None)[:3]
-        h = _linear_rows(hidden.detach(), weight.detach(), None if bias is None else bias.detach(), layout, name)
+        h = _linear_rows(hidden, weight, bias, layout, name)
         with torch.no_grad():
-            return "logps", ops.linear_logprobs(h, weight.detach(), None if bias is None else bias.detach(),
+            return "logps", ops.linear_logprobs(h.detach(), weight.detach(), None if bias is None else bias.detach(),
                                                 layout.labels, layout.ignore_index, backend)[0]
     check_float(x, name)
     check_same_device(layout.labels, **{name: x})
@@ -64,9 +64,10 @@ def _frozen(x, layout, name, backend):
     if x.dim() == len(layout.token_shape) + 1:
         return "logits", rows_of(x, layout, name)
     if tuple(x.shape) != tuple(layout.token_shape):
+        grid = (layout.num_seqs, layout.seq_len) if layout.seq_len is not None else (layout.num_rows,)
         raise ValueError(
-            f"{name} must be logits of shape {tuple(layout.token_shape[:-1]) + ('<T>', 'V')} or per-token logps "
-            f"of shape {tuple(layout.token_shape)} (as token_logprobs returns them with shift={layout.shift}); "
+            f"{name} must be logits of shape {grid + ('V',)} or per-token logps of shape "
+            f"{tuple(layout.token_shape)} (as token_logprobs returns them with shift={layout.shift}); "
             f"got {tuple(x.shape)}")
     return "logps", layout.from_user(x, name)
 

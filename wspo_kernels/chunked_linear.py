@@ -63,10 +63,9 @@ def _grad_buffers(hidden, weight, bias, acc, grad_hidden, grad_weight):
 
 def _finish(hidden, weight, bias, dh, dw, db):
     """Gradients in the parameters' dtypes; an empty tensor stands for one that was not computed."""
-    empty = hidden.new_empty(0)
-    return (empty if dh is None else dh,
-            empty if dw is None else dw.to(weight.dtype),
-            empty if db is None else db.to(bias.dtype))
+    return (hidden.new_empty(0) if dh is None else dh,
+            hidden.new_empty(0) if dw is None else dw.to(weight.dtype),
+            hidden.new_empty(0) if db is None else db.to(bias.dtype))
 
 
 def linear_logprobs_backward(rows, grad_logp, hidden, weight, bias, labels, lse, ignore_index,

@@ -124,16 +124,26 @@ def _(policy, ref, aligned, base, labels, weight, gamma, ignore_index, compute_g
         _grad_buffer(policy, compute_grad)
 
 
+_CONSUMED = ("the gradient saved by the forward pass was consumed by a first backward (it is scaled in place "
+             "to keep memory at one logits tensor); backward through the same graph twice is not supported")
+
+
 def _save_grad(ctx, inputs, output):
     ctx.save_for_backward(output[2])
     ctx.num_inputs = len(inputs)
+    ctx.consumed = False
 
 
 def _scale_saved_grad(ctx, grad_loss, *unused):
+    if ctx.consumed:
+        raise RuntimeError(_CONSUMED)
     (grad,) = ctx.saved_tensors
     if grad_loss is None:
         return (None,) * ctx.num_inputs
+    if grad.dtype == torch.float64:  # verification dtype: keep the graph reusable (gradcheck, retain_graph)
+        return (grad * grad_loss.unsqueeze(1),) + (None,) * (ctx.num_inputs - 1)
     # The saved gradient is used once and then belongs to the caller: scale it in place.
+    ctx.consumed = True
     grad.mul_(grad_loss.unsqueeze(1))
     return (grad,) + (None,) * (ctx.num_inputs - 1)
 
@@ -159,10 +169,9 @@ def _(hidden, weight, bias, labels, ignore_index, backend):
 
 def _grad_likes(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], grad_hidden: bool, grad_weight: bool):
     """Fake (dh, dW, db): an empty tensor stands for a gradient that is not computed."""
-    empty = hidden.new_empty(0)
-    return (torch.empty_like(hidden) if grad_hidden else empty,
-            torch.empty_like(weight) if grad_weight else empty,
-            torch.empty_like(bias) if grad_weight and bias is not None else empty)
+    return (torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if grad_weight else hidden.new_empty(0),
+            torch.empty_like(bias) if grad_weight and bias is not None else hidden.new_empty(0))
 
 
 @torch.library.custom_op(f"{_LIB}::linear_logprobs_backward", mutates_args=())
@@ -215,15 +224,21 @@ def _(hidden, weight, bias, labels, k, token_weight, gamma, ignore_index, grad_h
 
 def _linear_wspo_setup(ctx, inputs, output):
     ctx.computed = (inputs[8], inputs[9], inputs[9] and inputs[2] is not None)
+    ctx.consumed = False
     ctx.save_for_backward(*output[2:])
 
 
 def _linear_wspo_bwd(ctx, grad_loss, *unused):
+    if ctx.consumed:
+        raise RuntimeError(_CONSUMED)
     grads = ctx.saved_tensors
     if grad_loss is None:
         return (None,) * 11
-    # Gradients were written for d(sum loss); scale the caller's copies in place (used once).
-    scaled = tuple(g.mul_(grad_loss) if done else None for g, done in zip(grads, ctx.computed))
+    # Gradients were written for d(sum loss); scale them in place (used once) except in float64.
+    reusable = grads[0].dtype == torch.float64 or grads[1].dtype == torch.float64
+    ctx.consumed = not reusable
+    scaled = tuple((g * grad_loss if reusable else g.mul_(grad_loss)) if done else None
+                   for g, done in zip(grads, ctx.computed))
     return scaled + (None,) * 8
 
 

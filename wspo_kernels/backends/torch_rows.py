@@ -76,7 +76,8 @@ def _write_grad(x, labels, lse, coef, ignore_index, out):
     """out = coef * (onehot(label) - softmax(x)), block by block; rows with coef == 0 get zeros."""
     acc = _acc_dtype(x)
     mask = labels != ignore_index
-    safe_lse = torch.where(mask, lse, torch.zeros_like(lse))  # ignored rows may be all -inf
+    # Ignored rows get exp(z - inf) = 0: their lse may be anything (-inf, or unrelated to huge z).
+    safe_lse = torch.where(mask, lse, torch.full_like(lse, float("inf")))
     coef = torch.where(mask, coef, torch.zeros_like(coef))
     for v0 in range(0, x.shape[1], VOCAB_BLOCK):
         blk = x[:, v0:v0 + VOCAB_BLOCK].to(acc)

@@ -1,0 +1,96 @@
+"""Bad input raises a clear error before any kernel runs."""
+import math
+
+import pytest
+import torch
+
+import wspo_kernels as wk
+
+
+def _batch(B=2, T=4, V=11):
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(B, T, V, generator=g) for _ in range(4)]
+    labels = torch.randint(0, V, (B, T), generator=g)
+    return logits, labels
+
+
+def _loss(policy, labels, frozen, **kw):
+    return wk.wspo_loss(policy, labels, ref=frozen[0], weak_aligned=frozen[1], weak_base=frozen[2], **kw)
+
+
+@pytest.mark.parametrize("mutate,exc,match", [
+    (lambda p, y, f: (p[:, :3], y, f), ValueError, "policy_logits must have shape"),
+    (lambda p, y, f: (p, y[:1], f), ValueError, "policy_logits must have shape"),
+    (lambda p, y, f: (p, y, [f[0][:1], f[1], f[2]]), ValueError, r"ref must have shape \(2, 4, 'V'\)"),
+    (lambda p, y, f: (p, y, [f[0], f[1][:, :2], f[2]]), ValueError, "weak_aligned must have shape"),
+    (lambda p, y, f: (p, y, [f[0], f[1], torch.zeros(2, 5)]), ValueError, r"weak_base must be logits of shape \(2, 4, 'V'\) or per-token logps of shape \(2, 3\)"),
+    (lambda p, y, f: (p.long(), y, f), TypeError, "float32, bfloat16, float16"),
+    (lambda p, y, f: (p.to(torch.complex64), y, f), TypeError, "float32, bfloat16, float16"),
+    (lambda p, y, f: (p, y, [f[0].int(), f[1], f[2]]), TypeError, "ref must be float32"),
+    (lambda p, y, f: (p, y.float(), f), TypeError, "labels must be an integer tensor"),
+    (lambda p, y, f: (p, y.fill_(11), f), ValueError, r"labels must be in \[0, 11\)"),
+    (lambda p, y, f: (p, y.fill_(-3), f), ValueError, "found -3"),
+    (lambda p, y, f: (p, y, [f[0], f[1][..., :5], f[2]]), ValueError, r"\[0, 5\) for weak_aligned"),
+    (lambda p, y, f: (p, y, [f[0].to("meta"), f[1], f[2]]), ValueError, "ref is on meta"),
+    (lambda p, y, f: (p, y, [("h", "w"), f[1], f[2]]), TypeError, "ref hidden must be a torch.Tensor"),
+    (lambda p, y, f: (p, y, [(torch.randn(2, 4, 3), torch.randn(11, 5)), f[1], f[2]]), ValueError,
+     r"ref weight must be \[V, H=3\]"),
+])
+def test_bad_inputs(mutate, exc, match):
+    logits, labels = _batch()
+    policy, labels, frozen = mutate(logits[0], labels.clone(), logits[1:])
+    with pytest.raises(exc, match=match):
+        _loss(policy, labels, frozen)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(reduction="avg"), ValueError, "reduction must be one of"),
+    (dict(gamma=math.nan), ValueError, "gamma must be finite"),
+    (dict(gamma=math.inf), ValueError, "gamma must be finite"),
+    (dict(gamma="0.1"), TypeError, "gamma must be a real number"),
+    (dict(normalizer=0), ValueError, "normalizer must be finite and > 0"),
+    (dict(normalizer=2, reduction="sum"), ValueError, "normalizer only applies"),
+    (dict(backend="cuda-magic"), ValueError, "unknown backend"),
+    (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+])
+def test_bad_options(kwargs, exc, match):
+    logits, labels = _batch()
+    with pytest.raises(exc, match=match):
+        _loss(logits[0], labels, logits[1:], **kwargs)
+
+
+def test_labels_checked_against_frozen_logps_path_too():
+    logits, labels = _batch()
+    logps = [wk.token_logprobs(x, labels, shift=True) for x in logits[1:]]
+    labels[0, 2] = 99
+    with pytest.raises(ValueError, match=r"\[0, 11\)"):
+        _loss(logits[0], labels, logps)
+
+
+def test_linear_bad_inputs():
+    logits, labels = _batch()
+    h, w = torch.randn(2, 4, 8), torch.randn(11, 8)
+    frozen = dict(ref=logits[1], weak_aligned=logits[2], weak_base=logits[3])
+    with pytest.raises(ValueError, match=r"policy weight must be \[V, H=8\]"):
+        wk.linear_wspo_loss(h, w.t(), labels, **frozen)
+    with pytest.raises(ValueError, match=r"policy bias must be \[V=11\]"):
+        wk.linear_wspo_loss(h, w, labels, bias=torch.zeros(3), **frozen)
+    with pytest.raises(ValueError, match="policy hidden must have shape"):
+        wk.linear_wspo_loss(h[:, :2], w, labels, **frozen)
+    with pytest.raises(ValueError, match=r"\[0, 11\)"):
+        wk.linear_wspo_loss(h, w, labels.fill_(20), **frozen)
+
+
+def test_bad_cu_seqlens():
+    x, y = torch.randn(6, 5), torch.randint(0, 5, (6,))
+    with pytest.raises(ValueError, match="cu_seqlens must rise from 0 to N=6"):
+        wk.token_logprobs(x, y, cu_seqlens=torch.tensor([0, 4, 3, 6]))
+    with pytest.raises(ValueError, match="requires flat"):
+        wk.token_logprobs(x.view(2, 3, 5), y.view(2, 3), cu_seqlens=torch.tensor([0, 3, 6]))
+
+
+def test_module_rejects_bad_options_at_construction():
+    with pytest.raises(ValueError, match="reduction"):
+        wk.WSPOLoss(reduction="median")
+    with pytest.raises(ValueError, match="gamma must be finite"):
+        wk.LinearWSPOLoss(gamma=float("nan"))
