@@ -128,24 +128,39 @@ _CONSUMED = ("the gradient saved by the forward pass was consumed by a first bac
              "to keep memory at one logits tensor); backward through the same graph twice is not supported")
 
 
+def _save_grads(ctx, grads):
+    """Keep forward-pass gradients on ctx, detached: backward hands them over without a copy.
+
+    Not ``save_for_backward``: a saved tensor stays referenced by the graph, so autograd would
+    have to clone it when accumulating into ``.grad`` (one more N x V buffer).
+    """
+    ctx.grads = [g.detach() for g in grads]
+    # The gradient outputs themselves get no incoming gradient: don't materialise zeros of their size.
+    ctx.set_materialize_grads(False)
+
+
+def _take_grads(ctx):
+    grads = ctx.grads
+    if grads is None:
+        raise RuntimeError(_CONSUMED)
+    # float64 is the verification dtype: keep the graph reusable there (gradcheck, retain_graph).
+    reusable = any(g.dtype == torch.float64 for g in grads)
+    if not reusable:
+        ctx.grads = None
+    return grads, reusable
+
+
 def _save_grad(ctx, inputs, output):
-    ctx.save_for_backward(output[2])
+    _save_grads(ctx, output[2:3])
     ctx.num_inputs = len(inputs)
-    ctx.consumed = False
 
 
 def _scale_saved_grad(ctx, grad_loss, *unused):
-    if ctx.consumed:
-        raise RuntimeError(_CONSUMED)
-    (grad,) = ctx.saved_tensors
     if grad_loss is None:
         return (None,) * ctx.num_inputs
-    if grad.dtype == torch.float64:  # verification dtype: keep the graph reusable (gradcheck, retain_graph)
-        return (grad * grad_loss.unsqueeze(1),) + (None,) * (ctx.num_inputs - 1)
-    # The saved gradient is used once and then belongs to the caller: scale it in place.
-    ctx.consumed = True
-    grad.mul_(grad_loss.unsqueeze(1))
-    return (grad,) + (None,) * (ctx.num_inputs - 1)
+    (grad,), reusable = _take_grads(ctx)
+    scale = grad_loss.unsqueeze(1)
+    return (grad * scale if reusable else grad.mul_(scale),) + (None,) * (ctx.num_inputs - 1)
 
 
 wspo_rows.register_autograd(_scale_saved_grad, setup_context=_save_grad)
@@ -224,19 +239,14 @@ def _(hidden, weight, bias, labels, k, token_weight, gamma, ignore_index, grad_h
 
 def _linear_wspo_setup(ctx, inputs, output):
     ctx.computed = (inputs[8], inputs[9], inputs[9] and inputs[2] is not None)
-    ctx.consumed = False
-    ctx.save_for_backward(*output[2:])
+    _save_grads(ctx, output[2:])
 
 
 def _linear_wspo_bwd(ctx, grad_loss, *unused):
-    if ctx.consumed:
-        raise RuntimeError(_CONSUMED)
-    grads = ctx.saved_tensors
     if grad_loss is None:
         return (None,) * 11
-    # Gradients were written for d(sum loss); scale them in place (used once) except in float64.
-    reusable = grads[0].dtype == torch.float64 or grads[1].dtype == torch.float64
-    ctx.consumed = not reusable
+    grads, reusable = _take_grads(ctx)
+    # Gradients were written for d(sum loss); scale them by the incoming scalar.
     scaled = tuple((g * grad_loss if reusable else g.mul_(grad_loss)) if done else None
                    for g, done in zip(grads, ctx.computed))
     return scaled + (None,) * 8

@@ -4,11 +4,12 @@ This module is also the readable statement of every algorithm the other backends
 kernels work on rows: ``logits [N, V]`` (unit stride in V), ``labels [N]`` already shifted, rows with
 ``labels == ignore_index`` contribute 0.  Accumulation is float32 (float64 for float64 inputs).
 
-Online log-sum-exp (one read of the row, in blocks of ``VOCAB_BLOCK`` columns):
+Online log-sum-exp (one read of the row, in blocks of ``VOCAB_BLOCK`` columns): each block's
+log-sum-exp is merged into a running one,
 
-    m' = max(m, max_j z_j);   s' = s * exp(m - m') + sum_j exp(z_j - m');   lse = m + log(s)
+    lse' = logaddexp(lse, logsumexp_{j in block} z_j)        (lse starts at -inf)
 
-the label logit z_y is gathered in the same sweep, and ``logp = z_y - lse``.
+the label logit z_y is gathered from the same rows, and ``logp = z_y - lse``.
 
 WSPO gradient in forward: with ``w_t`` the per-token weight of the reduction (m_t / n_b / B') and
 ``k_t = gamma * l^ref_t + l^aligned_t - l^base_t`` (constants for the policy),
@@ -54,17 +55,9 @@ def _row_blocks(n_rows: int):
 def _lse_and_logp(x: torch.Tensor, labels: torch.Tensor, ignore_index: int):
     """Online log-sum-exp over vocab blocks for a block of rows; returns (lse, logp), logp 0 if ignored."""
     acc = _acc_dtype(x)
-    rows, vocab = x.shape
-    m = torch.full((rows,), float("-inf"), dtype=acc, device=x.device)
-    s = torch.zeros(rows, dtype=acc, device=x.device)
-    for v0 in range(0, vocab, VOCAB_BLOCK):
-        blk = x[:, v0:v0 + VOCAB_BLOCK].to(acc)
-        m_new = torch.maximum(m, blk.amax(dim=1))
-        # A row that is -inf so far has nothing to rescale: shift by 0 instead of -inf (no inf - inf).
-        shift = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
-        s = s * torch.exp(m - shift) + torch.exp(blk - shift[:, None]).sum(dim=1)
-        m = m_new
-    lse = torch.where(torch.isneginf(m), m, m + torch.log(s))
+    lse = torch.full((x.shape[0],), float("-inf"), dtype=acc, device=x.device)
+    for v0 in range(0, x.shape[1], VOCAB_BLOCK):
+        lse = torch.logaddexp(lse, torch.logsumexp(x[:, v0:v0 + VOCAB_BLOCK].to(acc), dim=1))
     mask = labels != ignore_index
     safe = torch.where(mask, labels, torch.zeros_like(labels))
     z_y = x.gather(1, safe[:, None]).squeeze(1).to(acc)
@@ -73,20 +66,26 @@ def _lse_and_logp(x: torch.Tensor, labels: torch.Tensor, ignore_index: int):
 
 
 def _write_grad(x, labels, lse, coef, ignore_index, out):
-    """out = coef * (onehot(label) - softmax(x)), block by block; rows with coef == 0 get zeros."""
+    """out = coef * (onehot(label) - softmax(x)), block by block; rows with coef == 0 get zeros.
+
+    ``out`` may be ``x`` itself: each block is read before it is overwritten.
+    """
     acc = _acc_dtype(x)
     mask = labels != ignore_index
     # Ignored rows get exp(z - inf) = 0: their lse may be anything (-inf, or unrelated to huge z).
-    safe_lse = torch.where(mask, lse, torch.full_like(lse, float("inf")))
-    coef = torch.where(mask, coef, torch.zeros_like(coef))
+    safe_lse = torch.where(mask, lse, torch.full_like(lse, float("inf")))[:, None]
+    neg_coef = torch.where(mask, -coef, torch.zeros_like(coef))[:, None]
     for v0 in range(0, x.shape[1], VOCAB_BLOCK):
-        blk = x[:, v0:v0 + VOCAB_BLOCK].to(acc)
-        g = torch.exp(blk - safe_lse[:, None]).mul_(-coef[:, None])
+        o = out[:, v0:v0 + VOCAB_BLOCK]
+        # Write straight into ``out`` when it already has the accumulation dtype.
+        g = o if o.dtype == acc else torch.empty(o.shape, dtype=acc, device=o.device)
+        torch.sub(x[:, v0:v0 + VOCAB_BLOCK].to(acc), safe_lse, out=g).exp_().mul_(neg_coef)
         local = labels - v0
-        hit = mask & (local >= 0) & (local < blk.shape[1])
+        hit = mask & (local >= 0) & (local < g.shape[1])
         g.scatter_add_(1, torch.where(hit, local, torch.zeros_like(local))[:, None],
-                       torch.where(hit, coef, torch.zeros_like(coef))[:, None])
-        out[:, v0:v0 + VOCAB_BLOCK].copy_(g)
+                       torch.where(hit[:, None], -neg_coef, torch.zeros_like(neg_coef)))
+        if g is not o:
+            o.copy_(g)
     return out
 
 
