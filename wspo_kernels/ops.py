@@ -153,14 +153,23 @@ def _take_grads(ctx):
 def _save_grad(ctx, inputs, output):
     _save_grads(ctx, output[2:3])
     ctx.num_inputs = len(inputs)
+    ctx.backend = inputs[-1]
+
+
+@torch.library.custom_op(f"{_LIB}::scale_rows_", mutates_args=("grad",))
+def scale_rows_(grad: Tensor, scale: Tensor, backend: str) -> None:
+    """grad[i, :] *= scale[i] in float32, in place (no temporary of grad's size for bf16/fp16)."""
+    _rows_backend(backend, grad).scale_rows_(grad, scale)
 
 
 def _scale_saved_grad(ctx, grad_loss, *unused):
     if grad_loss is None:
         return (None,) * ctx.num_inputs
     (grad,), reusable = _take_grads(ctx)
-    scale = grad_loss.unsqueeze(1)
-    return (grad * scale if reusable else grad.mul_(scale),) + (None,) * (ctx.num_inputs - 1)
+    if reusable:
+        return (grad * grad_loss.unsqueeze(1),) + (None,) * (ctx.num_inputs - 1)
+    scale_rows_(grad, grad_loss.contiguous(), ctx.backend)
+    return (grad,) + (None,) * (ctx.num_inputs - 1)
 
 
 wspo_rows.register_autograd(_scale_saved_grad, setup_context=_save_grad)

@@ -27,6 +27,7 @@ The contract every backend module implements:
     wspo_rows(policy, labels, k, weight, gamma, ignore_index, grad) -> (loss_t [N], logp [N])
     wspo_four(policy, ref, aligned, base, labels, weight, gamma, ignore_index, grad)
         -> (loss_t [N], logps [4, N])            (rows of logps: policy, ref, aligned, base)
+    scale_rows_(grad, scale)                     grad[i, :] *= scale[i], in place, float32 math
 
 ``grad`` is an ``[N, V]`` tensor the gradient is written into (it may be ``policy`` itself, for an
 in-place gradient), or None when no gradient is needed.
@@ -146,3 +147,12 @@ def wspo_four(policy, ref, aligned, base, labels, weight, gamma, ignore_index, g
         loss[r], logps[0, r] = _policy_block(policy[r], labels[r], k, weight[r], gamma, ignore_index,
                                              None if grad is None else grad[r])
     return loss, logps
+
+
+def scale_rows_(grad, scale):
+    acc = _acc_dtype(grad)
+    if grad.dtype == acc:
+        return grad.mul_(scale.to(acc)[:, None])
+    for r in _row_blocks(grad.shape[0]):  # bounded float temporaries for bf16 / fp16 gradients
+        grad[r].copy_(grad[r].to(acc).mul_(scale[r, None].to(acc)))
+    return grad

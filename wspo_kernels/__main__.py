@@ -1,0 +1,132 @@
+"""``wspo-kernels`` / ``python -m wspo_kernels``: the self-check (default) and, as they land, more jobs.
+
+    wspo-kernels                 # = wspo-kernels check: every available backend vs the naive loss
+    wspo-kernels check --tokens 2048 --vocab 32000
+"""
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+import wspo_kernels as wk
+from wspo_kernels.dispatch import _AUTO_ORDER, _module, select_backend
+
+
+def _rss_mb(field):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _naive(policy, labels, frozen, gamma):
+    """The official formulation: fp32 upcast and a full log_softmax of all four logits."""
+    lab = labels[:, 1:]
+    mask = lab != -100
+    idx = lab.masked_fill(~mask, 0).unsqueeze(-1)
+    lp = [torch.gather(z[:, :-1].float().log_softmax(-1), 2, idx).squeeze(-1) for z in (policy, *frozen)]
+    d = gamma * (lp[0] - lp[1]) - (lp[2] - lp[3])
+    return ((d * d * mask).sum(-1) / mask.sum(-1)).mean()
+
+
+def _measure(fn, params, repeat):
+    for p in params:
+        p.grad = None
+    fn()  # warm-up (also loads code lazily)
+    for p in params:
+        p.grad = None
+    base = _rss_mb("VmRSS")
+    has_peak = _reset_peak()
+    times = []
+    for _ in range(repeat):
+        for p in params:
+            p.grad = None
+        t0 = time.perf_counter()
+        loss = fn()
+        times.append(time.perf_counter() - t0)
+    peak = _rss_mb("VmHWM") - base if has_peak else float("nan")
+    return loss, statistics.median(times), peak
+
+
+def check(args):
+    torch.manual_seed(args.seed)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    B, T, V = args.seqs, args.tokens // args.seqs, args.vocab
+    print(f"wspo-kernels {wk.__version__} self-check: WSPO loss (gamma={args.gamma}) forward+backward from four "
+          f"[{B}, {T}, {V}] {args.dtype} logits; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    labels = torch.randint(0, V, (B, T))
+    labels[:, : T // 4] = -100  # prompt tokens
+    policy = torch.randn(B, T, V, dtype=dtype).requires_grad_()
+    frozen = [torch.randn(B, T, V, dtype=dtype) for _ in range(3)]
+    logits_mb = policy.numel() * policy.element_size() / 2 ** 20
+
+    def naive():
+        loss = _naive(policy, labels, frozen, args.gamma)
+        loss.backward()
+        return loss
+
+    rows = [("naive (official formulation)",) + _measure(naive, [policy], args.repeat)]
+    reference = (rows[0][1].detach(), policy.grad.clone())
+    device = torch.device("cpu")
+    for name in _AUTO_ORDER["cpu"]:
+        module, reason = _module(name)
+        reason = reason if module is None else module.unavailable_reason(device, dtype)
+        if reason is not None:
+            print(f"  backend {name}: not available ({reason})")
+            continue
+
+        def ours(name=name):
+            loss = wk.wspo_loss(policy, labels, ref=frozen[0], weak_aligned=frozen[1], weak_base=frozen[2],
+                                gamma=args.gamma, backend=name)
+            loss.backward()
+            return loss
+        rows.append((f"wspo_kernels backend={name}",) + _measure(ours, [policy], args.repeat))
+        grad_err = (policy.grad.float() - reference[1].float()).abs().max().item()
+        loss_err = abs(rows[-1][1].item() - reference[0].item()) / abs(reference[0].item())
+        rows[-1] = rows[-1] + (loss_err, grad_err)
+    print(f"  auto picks: {select_backend('', device, dtype).NAME}; one logits tensor = {logits_mb:.0f} MiB\n")
+    print(f"| implementation | loss | median s | speed-up | peak extra MiB | x logits | loss rel. diff | grad max diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    base_t = rows[0][2]
+    for row in rows:
+        name, loss, t, peak = row[:4]
+        diffs = f"{row[4]:.1e} | {row[5]:.1e}" if len(row) > 4 else "- | -"
+        print(f"| {name} | {loss.item():.6f} | {t:.3f} | {base_t / t:.2f}x | {peak:.0f} | {peak / logits_mb:.2f} | "
+              f"{diffs} |")
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="wspo-kernels", description="wspo-kernels command line")
+    sub = parser.add_subparsers(dest="command")
+    p = sub.add_parser("check", help="compare every available backend with the naive loss (default)")
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--seqs", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--gamma", type=float, default=0.1)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["check"] + list(argv or sys.argv[1:]))
+    return check(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
