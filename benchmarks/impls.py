@@ -59,11 +59,13 @@ def trl_logits(policy, frozen, labels):
     return step
 
 
-def ours_logits(backend):
+def ours_logits(backend, inplace_grad=False):
     def factory(policy, frozen, labels):
         def step():
+            # In place, the gradient overwrites the input logits from the first step on; the kernel's
+            # work does not depend on the values, so later steps time the same thing.
             wk.wspo_loss(policy, labels, ref=frozen[0], weak_aligned=frozen[1], weak_base=frozen[2],
-                         gamma=GAMMA, backend=backend).backward()
+                         gamma=GAMMA, backend=backend, inplace_grad=inplace_grad).backward()
         return step
     return factory
 
@@ -118,6 +120,7 @@ def ours_linear(backend):
 
 
 LOGITS_IMPLS = {"official": official_logits, "trl": trl_logits,
-                "ours-torch": ours_logits("torch"), "ours-native": ours_logits("native")}
+                "ours-torch": ours_logits("torch"), "ours-native": ours_logits("native"),
+                "ours-native-inplace": ours_logits("native", inplace_grad=True)}
 LINEAR_IMPLS = {"official": official_linear, "hand-chunked": hand_chunked_linear,
                 "ours-torch": ours_linear("torch"), "ours-native": ours_linear("native")}

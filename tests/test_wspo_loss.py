@@ -197,3 +197,37 @@ def test_second_backward_through_same_graph_is_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward through the same graph twice"):
         loss.backward()
+
+
+@pytest.mark.parametrize("backend,dtype", backend_params(dtypes=(torch.float32, torch.bfloat16)))
+@pytest.mark.parametrize("frozen_as", ["logits", "logps"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_inplace_grad_matches_regular_path(backend, dtype, frozen_as, reduction):
+    logits, labels, shift = _inputs("V1000-mixed-vocab", dtype, seed=11)
+    frozen = logits[1:] if frozen_as == "logits" else [wk.token_logprobs(x, labels, shift=True) for x in logits[1:]]
+    kw = dict(ref=frozen[0], weak_aligned=frozen[1], weak_base=frozen[2], reduction=reduction, backend=backend)
+    h = torch.randn(*logits[0].shape[:2], 8, generator=torch.Generator().manual_seed(1)).to(dtype)
+    proj = (torch.linalg.pinv(h.reshape(-1, 8).float()) @ logits[0].reshape(-1, logits[0].shape[-1]).float())
+    grads, losses = [], []
+    for inplace in (False, True):
+        w = proj.to(dtype).clone().requires_grad_()
+        policy = h @ w  # a non-leaf like lm_head output; MmBackward saves h and w, not the logits
+        loss = wk.wspo_loss(policy, labels, inplace_grad=inplace, **kw)
+        up = torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape) if loss.dim() else torch.tensor(1.0)
+        loss.backward(up)
+        losses.append(loss.detach())
+        grads.append(w.grad)
+        if inplace:
+            assert not torch.equal(policy.detach(), (h @ w).detach()), "the logits should hold the gradient now"
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)  # same kernel, same numbers
+
+
+def test_inplace_grad_refuses_a_graph_that_saved_the_logits():
+    logits, labels, _ = _inputs("V7", torch.float32)
+    x = logits[0].clone().requires_grad_()
+    policy = x.exp()  # ExpBackward saves its output: the logits themselves
+    loss = wk.wspo_loss(policy, labels, ref=logits[1], weak_aligned=logits[2], weak_base=logits[3],
+                        inplace_grad=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -9,7 +9,8 @@ They are constants of the loss: no gradient flows into them.
 Sequences without a single response token contribute 0 and are left out of the mean (B' counts
 only sequences with at least one token); the official implementation returns NaN there.
 """
-from typing import NamedTuple, Optional
+import functools
+from typing import NamedTuple
 
 import torch
 
@@ -154,13 +155,18 @@ def weak_log_ratio(aligned_logits, base_logits, labels, *, ignore_index=-100, sh
 
 
 def wspo_loss(policy_logits, labels, *, ref, weak_aligned, weak_base, gamma=0.1, ignore_index=-100, shift=True,
-              reduction="mean", normalizer=None, cu_seqlens=None, return_metrics=False, backend=None):
+              reduction="mean", normalizer=None, cu_seqlens=None, return_metrics=False, inplace_grad=False,
+              backend=None):
     """The WSPO loss (DESIGN.md section 1) from the policy's logits; gradient w.r.t. the policy only.
 
     When ``ref``, ``weak_aligned`` and ``weak_base`` are all logits, one fused pass reads the four
     logits once and writes the policy gradient in the same pass.  ``reduction`` is "mean" (over
     sequences with at least one token, or divided by ``normalizer``), "sum" or "none" (``[B]``).
     ``return_metrics=True`` returns a :class:`WSPOOutput`.
+
+    ``inplace_grad=True`` writes the policy gradient over ``policy_logits`` during the forward pass
+    (no extra N x V memory; the logits' values are gone afterwards, use them before or not at all).
+    Eager mode only: under torch.compile the regular path runs, with the same values.
     """
     gamma, normalizer, layout = _prepare(labels, gamma, ignore_index, shift, reduction, normalizer, cu_seqlens,
                                          backend)
@@ -170,14 +176,29 @@ def wspo_loss(policy_logits, labels, *, ref, weak_aligned, weak_base, gamma=0.1,
     w_t = layout.token_weights(reduction, normalizer, acc)
     compute_grad = torch.is_grad_enabled() and policy_logits.requires_grad
     r, a, w = _frozen_all(ref, weak_aligned, weak_base, layout, backend)
-    if r[0] == a[0] == w[0] == "logits":
-        loss_t, logps, _ = ops.wspo_four(policy, r[1], a[1], w[1], layout.labels, w_t, gamma, ignore_index,
-                                         compute_grad, backend)
-        logp, lr, delta_w = logps[0], logps[1], logps[2] - logps[3]
+    one_pass = r[0] == a[0] == w[0] == "logits"
+    if one_pass:
+        lr = delta_w = None  # come out of the kernel
     else:
         lr, delta_w = _frozen_terms_from(r, a, w, layout, backend)
         k = gamma * lr.to(acc) + delta_w.to(acc)
-        loss_t, logp, _ = ops.wspo_rows(policy, layout.labels, k, w_t, gamma, ignore_index, compute_grad, backend)
+    if inplace_grad and compute_grad and not torch.compiler.is_compiling():
+        if one_pass:
+            run = functools.partial(ops.run_wspo_four, policy, r[1], a[1], w[1], layout.labels, w_t, gamma,
+                                    ignore_index, backend=backend)
+        else:
+            run = functools.partial(ops.run_wspo_rows, policy, layout.labels, k, w_t, gamma, ignore_index,
+                                    backend=backend)
+        loss_t, out = ops.GradOverPolicy.apply(policy, run, backend)
+    elif one_pass:
+        loss_t, out, _ = ops.wspo_four(policy, r[1], a[1], w[1], layout.labels, w_t, gamma, ignore_index,
+                                       compute_grad, backend)
+    else:
+        loss_t, out, _ = ops.wspo_rows(policy, layout.labels, k, w_t, gamma, ignore_index, compute_grad, backend)
+    if one_pass:
+        logp, lr, delta_w = out[0], out[1], out[2] - out[3]
+    else:
+        logp = out
     loss = _reduce(loss_t, layout, reduction)
     return _with_metrics(loss, logp, lr, delta_w, layout) if return_metrics else loss
 

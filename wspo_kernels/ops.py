@@ -92,11 +92,16 @@ def _grad_buffer(policy: Tensor, compute_grad: bool) -> Tensor:
 @torch.library.custom_op(f"{_LIB}::wspo_rows", mutates_args=())
 def wspo_rows(policy: Tensor, labels: Tensor, k: Tensor, weight: Tensor, gamma: float, ignore_index: int,
               compute_grad: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    check_labels_range(labels, policy.shape[1], ignore_index, "policy_logits")
     grad = _grad_buffer(policy, compute_grad)
-    loss, logp = _rows_backend(backend, policy).wspo_rows(
-        policy, labels, k, weight, gamma, ignore_index, grad if compute_grad else None)
+    loss, logp = run_wspo_rows(policy, labels, k, weight, gamma, ignore_index, grad if compute_grad else None,
+                               backend)
     return loss, logp, grad
+
+
+def run_wspo_rows(policy, labels, k, weight, gamma, ignore_index, grad, backend):
+    """Check labels, pick the backend, run its wspo_rows kernel (gradient into ``grad`` if given)."""
+    check_labels_range(labels, policy.shape[1], ignore_index, "policy_logits")
+    return _rows_backend(backend, policy).wspo_rows(policy, labels, k, weight, gamma, ignore_index, grad)
 
 
 @wspo_rows.register_fake
@@ -109,12 +114,18 @@ def _(policy, labels, k, weight, gamma, ignore_index, compute_grad, backend):
 @torch.library.custom_op(f"{_LIB}::wspo_four", mutates_args=())
 def wspo_four(policy: Tensor, ref: Tensor, aligned: Tensor, base: Tensor, labels: Tensor, weight: Tensor,
               gamma: float, ignore_index: int, compute_grad: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    grad = _grad_buffer(policy, compute_grad)
+    loss, logps = run_wspo_four(policy, ref, aligned, base, labels, weight, gamma, ignore_index,
+                                grad if compute_grad else None, backend)
+    return loss, logps, grad
+
+
+def run_wspo_four(policy, ref, aligned, base, labels, weight, gamma, ignore_index, grad, backend):
+    """Check labels against all four vocabularies, run the backend's one-pass kernel."""
     for name, x in (("policy_logits", policy), ("ref", ref), ("weak_aligned", aligned), ("weak_base", base)):
         check_labels_range(labels, x.shape[1], ignore_index, name)
-    grad = _grad_buffer(policy, compute_grad)
-    loss, logps = _rows_backend(backend, policy).wspo_four(
-        policy, ref, aligned, base, labels, weight, gamma, ignore_index, grad if compute_grad else None)
-    return loss, logps, grad
+    return _rows_backend(backend, policy).wspo_four(policy, ref, aligned, base, labels, weight, gamma, ignore_index,
+                                                    grad)
 
 
 @wspo_four.register_fake
@@ -174,6 +185,35 @@ def _scale_saved_grad(ctx, grad_loss, *unused):
 
 wspo_rows.register_autograd(_scale_saved_grad, setup_context=_save_grad)
 wspo_four.register_autograd(_scale_saved_grad, setup_context=_save_grad)
+
+
+class GradOverPolicy(torch.autograd.Function):
+    """Opt-in in-place variant: the policy gradient is written over the policy logits themselves.
+
+    ``run`` is ``run_wspo_rows`` / ``run_wspo_four`` with every argument but ``grad`` bound; it is
+    called with the policy rows as the gradient buffer, so no N x V tensor is allocated.  The
+    logits' values are destroyed (their version counter is bumped, so autograd refuses a graph that
+    saved them).  Eager only: torch.compile callers get the regular op (same values).
+    """
+
+    @staticmethod
+    def forward(ctx, policy, run, backend):
+        loss, logps = run(grad=policy)
+        torch.autograd.graph.increment_version(policy)
+        _save_grads(ctx, [policy])
+        ctx.backend = backend
+        ctx.mark_non_differentiable(logps)
+        return loss, logps
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_logps):
+        if grad_loss is None:
+            return None, None, None
+        (grad,), reusable = _take_grads(ctx)
+        if reusable:
+            return grad * grad_loss.unsqueeze(1), None, None
+        scale_rows_(grad, grad_loss.contiguous(), ctx.backend)
+        return grad, None, None
 
 
 # ----------------------------------------------------------------------------- linear forms
