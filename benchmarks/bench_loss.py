@@ -116,7 +116,7 @@ def main(argv=None):
 
 
 def markdown(rows):
-    lines = ["| case | dtype | impl | median s (min-max) | vs official | peak extra MB |",
+    lines = ["| case | dtype | impl | median s (min-max) | vs official | peak extra MiB |",
              "|---|---|---|---|---|---|"]
     official = {(r["case"], r["dtype"]): r for r in rows if r["impl"] == "official" and "median_s" in r}
     for r in rows:

@@ -1,10 +1,11 @@
 """Native backend: the csrc/ kernels (C++ on the CPU, CUDA on GPUs) behind the row-kernel contract.
 
 The CPU kernels are built once per capability (``_C_avx512``, ``_C_avx2``, ``_C_default``); the
-module matching ``torch.backends.cpu.get_cpu_capability()`` is loaded.  When no prebuilt module
-exists (a source checkout installed without a compiler), the sources are compiled once with
-``torch.utils.cpp_extension.load`` if a compiler is found; otherwise the backend reports itself
-unavailable with a one-line warning and ``auto`` falls back to the portable backend.
+module matching ``torch.backends.cpu.get_cpu_capability()`` is loaded.  The CUDA kernels are
+``_C_cuda``, built where torch has CUDA.  When no prebuilt CPU module exists (a source checkout
+installed without building), the CPU sources are compiled once with ``torch.utils.cpp_extension.load``
+if a compiler is found; otherwise the backend reports itself unavailable with a one-line warning and
+``auto`` falls back to the portable backend.
 
 Semantics are those of ``torch_rows`` (see its docstring), in float32 accumulation; float64 inputs
 are left to the portable backend.  Mixed dtypes across models are read model by model.
@@ -18,72 +19,77 @@ import torch
 
 NAME = "native"
 _CAPABILITY_ORDER = {"AVX512": ("avx512", "avx2", "default"), "AVX2": ("avx2", "default")}
-_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                       "csrc", "cpu", "wspo_cpu.cpp")
+_CPU_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                           "csrc", "cpu", "wspo_cpu.cpp")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_cpu = None
-_cpu_error = None
+_loaded = {}   # device type -> module, or the reason it is missing (str)
 
 
-def _jit_build():
+def _jit_build_cpu():
     from torch.utils.cpp_extension import load
     warnings.warn("wspo_kernels: building the native CPU kernels once (no prebuilt module found)")
-    return load("wspo_kernels_cpu_jit", [_SOURCE], extra_cflags=["-O3", "-DWSPO_CAPABILITY_NAME=\"jit-default\""],
-                verbose=False)
+    return load("wspo_kernels_cpu_jit", [_CPU_SOURCE], extra_cflags=["-O3", '-DWSPO_CAPABILITY_NAME="jit"'])
 
 
-def _load_cpu():
-    """The compiled CPU module, or None with the reason kept in _cpu_error."""
-    global _cpu, _cpu_error
-    if _cpu is not None or _cpu_error is not None:
-        return _cpu
+def _find_cpu():
     capability = torch.backends.cpu.get_cpu_capability()
     for name in _CAPABILITY_ORDER.get(capability, ("default",)):
         try:
-            _cpu = importlib.import_module(f"wspo_kernels._C_{name}")
-            return _cpu
+            return importlib.import_module(f"wspo_kernels._C_{name}")
         except ImportError:
             continue
-    if os.path.exists(_SOURCE) and shutil.which(os.environ.get("CXX", "c++")):
-        try:
-            _cpu = _jit_build()
-            return _cpu
-        except Exception as exc:  # a failed JIT build leaves the portable backend in charge
-            _cpu_error = f"JIT build failed: {exc}".splitlines()[0]
-    else:
-        _cpu_error = "no compiled module (wspo_kernels._C_*) and no C++ compiler to build one"
-    warnings.warn(f"wspo_kernels: native CPU kernels unavailable ({_cpu_error}); using the portable backend")
-    return None
+    if not (os.path.exists(_CPU_SOURCE) and shutil.which(os.environ.get("CXX", "c++"))):
+        return "no compiled module (wspo_kernels._C_*) and no C++ compiler to build one"
+    try:
+        return _jit_build_cpu()
+    except Exception as exc:  # a failed JIT build leaves the portable backend in charge
+        return f"JIT build failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+
+
+def _find_cuda():
+    try:
+        return importlib.import_module("wspo_kernels._C_cuda")
+    except ImportError:
+        return "this install has no CUDA kernels (wspo_kernels._C_cuda: torch without CUDA or no nvcc at build)"
+
+
+def _module(device_type: str):
+    """The compiled module for a device type, or a str saying why there is none (warned once)."""
+    if device_type not in _loaded:
+        found = {"cpu": _find_cpu, "cuda": _find_cuda}.get(device_type, lambda: f"no kernels for {device_type}")()
+        if isinstance(found, str) and device_type == "cpu":
+            warnings.warn(f"wspo_kernels: native CPU kernels unavailable ({found}); using the portable backend")
+        _loaded[device_type] = found
+    return _loaded[device_type]
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype):
     if dtype not in _DTYPES:
         return f"native kernels take float32/bfloat16/float16, not {dtype}"
-    if device.type != "cpu":
-        return f"no native kernels for {device.type} tensors in this build"
-    return None if _load_cpu() is not None else _cpu_error
+    found = _module(device.type)
+    return found if isinstance(found, str) else None
 
 
-def _labels(labels):
-    return labels.contiguous()
+def _ext(x):
+    return _module(x.device.type)
 
 
 def logprobs(logits, labels, ignore_index):
-    return tuple(_cpu.logprobs(logits, _labels(labels), ignore_index))
+    return tuple(_ext(logits).logprobs(logits, labels.contiguous(), ignore_index))
 
 
 def logprobs_backward(logits, labels, lse, grad_logp, ignore_index, out):
-    return _cpu.logprobs_backward(logits, _labels(labels), lse, grad_logp, ignore_index, out)
+    return _ext(logits).logprobs_backward(logits, labels.contiguous(), lse, grad_logp, ignore_index, out)
 
 
 def weak_log_ratio(aligned, base, labels, ignore_index):
     if aligned.dtype != base.dtype:
         return logprobs(aligned, labels, ignore_index)[0] - logprobs(base, labels, ignore_index)[0]
-    return _cpu.weak_log_ratio(aligned, base, _labels(labels), ignore_index)
+    return _ext(aligned).weak_log_ratio(aligned, base, labels.contiguous(), ignore_index)
 
 
 def wspo_rows(policy, labels, k, weight, gamma, ignore_index, grad):
-    return tuple(_cpu.wspo_rows(policy, _labels(labels), k, weight, gamma, ignore_index, grad))
+    return tuple(_ext(policy).wspo_rows(policy, labels.contiguous(), k, weight, gamma, ignore_index, grad))
 
 
 def wspo_four(policy, ref, aligned, base, labels, weight, gamma, ignore_index, grad):
@@ -92,8 +98,9 @@ def wspo_four(policy, ref, aligned, base, labels, weight, gamma, ignore_index, g
         loss, logp = wspo_rows(policy, labels, gamma * logps[0] + logps[1] - logps[2], weight, gamma,
                                ignore_index, grad)
         return loss, torch.cat([logp[None], logps])
-    return tuple(_cpu.wspo_four(policy, ref, aligned, base, _labels(labels), weight, gamma, ignore_index, grad))
+    return tuple(_ext(policy).wspo_four(policy, ref, aligned, base, labels.contiguous(), weight, gamma, ignore_index,
+                                        grad))
 
 
 def scale_rows_(grad, scale):
-    return _cpu.scale_rows_(grad, scale)
+    return _ext(grad).scale_rows_(grad, scale)

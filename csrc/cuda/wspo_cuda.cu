@@ -1,0 +1,366 @@
+// CUDA row kernels of wspo-kernels: one thread block per row, online softmax, vectorised loads.
+//
+// Same contract as the CPU kernels (csrc/cpu/wspo_cpu.cpp) and the portable backend: rows of logits
+// [N, V] with unit stride along V, labels [N] int64 already shifted, ignore_index rows contribute 0,
+// float32 accumulation for fp32 / bf16 / fp16 inputs.
+//
+// Online log-sum-exp: each thread keeps a running (m, s) over the elements it reads,
+//     x > m:  s = s * exp(m - x) + 1, m = x        else:  s += exp(x - m)
+// (one exp per element), then the block merges the pairs (m, s) ⊕ (m', s') = (M, s e^{m-M} + s' e^{m'-M}).
+// lse = m + log(s).  WSPO: per row the four log-sum-exps, d = gamma (l^p - l^r) - (l^a - l^w),
+// loss = w d^2, and the policy gradient c (1[v = y] - exp(z_v - lse)), c = 2 gamma w d, written in a
+// second sweep of the policy row (usually still in L2).  Row offsets are int64 (N * V may exceed 2^31).
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace wspo_cuda {
+
+using at::Tensor;
+
+constexpr int kThreads = 512;          // threads per row (block)
+constexpr int kPackBytes = 16;         // vectorised load width
+constexpr float kNegInf = -INFINITY;
+
+struct MS {  // running max and sum of exp(x - max)
+  float m, s;
+};
+
+__device__ __forceinline__ MS merge(MS a, MS b) {
+  const float m = fmaxf(a.m, b.m);
+  if (m == kNegInf) return {kNegInf, 0.f};
+  return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
+}
+
+__device__ __forceinline__ void push(MS& r, float x) {
+  if (x > r.m) {
+    r.s = (r.m == kNegInf ? 0.f : r.s * __expf(r.m - x)) + 1.f;
+    r.m = x;
+  } else if (x != kNegInf) {
+    r.s += __expf(x - r.m);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float to_f(T x) { return static_cast<float>(x); }
+
+// Block-wide merge of (m, s); every thread gets the result.
+__device__ MS block_merge(MS r) {
+  __shared__ MS warp_part[kThreads / 32];
+  __shared__ MS total;
+  for (int off = 16; off > 0; off >>= 1) {
+    MS o{__shfl_down_sync(0xffffffff, r.m, off), __shfl_down_sync(0xffffffff, r.s, off)};
+    r = merge(r, o);
+  }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) warp_part[warp] = r;
+  __syncthreads();
+  if (warp == 0) {
+    r = lane < kThreads / 32 ? warp_part[lane] : MS{kNegInf, 0.f};
+    for (int off = 16; off > 0; off >>= 1) {
+      MS o{__shfl_down_sync(0xffffffff, r.m, off), __shfl_down_sync(0xffffffff, r.s, off)};
+      r = merge(r, o);
+    }
+    if (lane == 0) total = r;
+  }
+  __syncthreads();
+  MS out = total;
+  __syncthreads();  // the shared slots are reused by the next call
+  return out;
+}
+
+// log-sum-exp of one row, read with 16-byte loads when the row is aligned.
+template <typename T>
+__device__ float row_lse(const T* __restrict__ x, int64_t V) {
+  constexpr int P = kPackBytes / sizeof(T);
+  struct alignas(kPackBytes) Pack { T v[P]; };
+  MS r{kNegInf, 0.f};
+  int64_t start = 0;
+  if (reinterpret_cast<uintptr_t>(x) % kPackBytes == 0) {
+    const int64_t n_packs = V / P;
+    const Pack* xp = reinterpret_cast<const Pack*>(x);
+    for (int64_t i = threadIdx.x; i < n_packs; i += kThreads) {
+      const Pack p = xp[i];
+#pragma unroll
+      for (int j = 0; j < P; ++j) push(r, to_f(p.v[j]));
+    }
+    start = n_packs * P;
+  }
+  for (int64_t i = start + threadIdx.x; i < V; i += kThreads) push(r, to_f(x[i]));
+  r = block_merge(r);
+  return r.m == kNegInf ? kNegInf : r.m + __logf(r.s);
+}
+
+// out = coef * (onehot(y) - exp(x - lse)); out may alias x.
+template <typename T>
+__device__ void row_grad(const T* x, T* out, int64_t V, float lse, float coef, int64_t y, float z_y) {
+  constexpr int P = kPackBytes / sizeof(T);
+  struct alignas(kPackBytes) Pack { T v[P]; };
+  __syncthreads();  // in place (out == x): every thread has read z_y and its lse inputs before any write
+  int64_t start = 0;
+  if (reinterpret_cast<uintptr_t>(x) % kPackBytes == 0 && reinterpret_cast<uintptr_t>(out) % kPackBytes == 0) {
+    const int64_t n_packs = V / P;
+    for (int64_t i = threadIdx.x; i < n_packs; i += kThreads) {
+      Pack p = reinterpret_cast<const Pack*>(x)[i];
+#pragma unroll
+      for (int j = 0; j < P; ++j) p.v[j] = static_cast<T>(-coef * __expf(to_f(p.v[j]) - lse));
+      reinterpret_cast<Pack*>(out)[i] = p;
+    }
+    start = n_packs * P;
+  }
+  for (int64_t i = start + threadIdx.x; i < V; i += kThreads) out[i] = static_cast<T>(-coef * __expf(to_f(x[i]) - lse));
+  __syncthreads();  // every thread's writes land before the label entry is fixed
+  if (threadIdx.x == 0) out[y] = static_cast<T>(coef * (1.f - __expf(z_y - lse)));
+}
+
+template <typename T>
+__device__ void zero_row(T* out, int64_t V) {
+  for (int64_t i = threadIdx.x; i < V; i += kThreads) out[i] = static_cast<T>(0.f);
+}
+
+struct Rows {
+  const void* data;
+  int64_t stride, vocab;
+};
+
+template <typename T>
+__device__ __forceinline__ const T* row_ptr(const Rows& r, int64_t i) {
+  return static_cast<const T*>(r.data) + i * r.stride;
+}
+
+// ------------------------------------------------------------------------------------------ kernels
+template <typename T>
+__global__ void logprobs_kernel(Rows r, const int64_t* labels, int64_t ignore_index, float* logp, float* lse) {
+  const int64_t i = blockIdx.x;
+  const int64_t y = labels[i];
+  if (y == ignore_index) {
+    if (threadIdx.x == 0) logp[i] = lse[i] = 0.f;
+    return;
+  }
+  const T* x = row_ptr<T>(r, i);
+  const float l = row_lse(x, r.vocab);
+  if (threadIdx.x == 0) {
+    lse[i] = l;
+    logp[i] = to_f(x[y]) - l;
+  }
+}
+
+template <typename T>
+__global__ void logprobs_backward_kernel(Rows r, const int64_t* labels, int64_t ignore_index, const float* lse,
+                                         const float* grad_logp, T* out) {
+  const int64_t i = blockIdx.x;
+  const int64_t y = labels[i];
+  T* o = out + i * r.vocab;
+  if (y == ignore_index) return zero_row(o, r.vocab);
+  const T* x = row_ptr<T>(r, i);
+  row_grad(x, o, r.vocab, lse[i], grad_logp[i], y, to_f(x[y]));
+}
+
+template <typename T>
+__global__ void weak_log_ratio_kernel(Rows a, Rows b, const int64_t* labels, int64_t ignore_index, float* out) {
+  const int64_t i = blockIdx.x;
+  const int64_t y = labels[i];
+  if (y == ignore_index) {
+    if (threadIdx.x == 0) out[i] = 0.f;
+    return;
+  }
+  const T *xa = row_ptr<T>(a, i), *xb = row_ptr<T>(b, i);
+  const float la = row_lse(xa, a.vocab), lb = row_lse(xb, b.vocab);
+  if (threadIdx.x == 0) out[i] = (to_f(xa[y]) - la) - (to_f(xb[y]) - lb);
+}
+
+// frozen_k != nullptr: k given (wspo_rows); otherwise the three frozen rows are read (wspo_four).
+template <typename T>
+__global__ void wspo_kernel(Rows p, Rows ref, Rows al, Rows ba, const float* frozen_k, const int64_t* labels,
+                            const float* weight, float gamma, int64_t ignore_index, float* loss, float* logps,
+                            int64_t n, T* grad) {
+  const int64_t i = blockIdx.x;
+  const int64_t y = labels[i];
+  if (y == ignore_index) {
+    if (threadIdx.x == 0) {
+      loss[i] = 0.f;
+      for (int m = 0; m < (frozen_k ? 1 : 4); ++m) logps[m * n + i] = 0.f;
+    }
+    if (grad != nullptr) zero_row(grad + i * p.vocab, p.vocab);
+    return;
+  }
+  float k;
+  if (frozen_k != nullptr) {
+    k = frozen_k[i];
+  } else {
+    const T *xr = row_ptr<T>(ref, i), *xa = row_ptr<T>(al, i), *xb = row_ptr<T>(ba, i);
+    const float lr = to_f(xr[y]) - row_lse(xr, ref.vocab);
+    const float la = to_f(xa[y]) - row_lse(xa, al.vocab);
+    const float lb = to_f(xb[y]) - row_lse(xb, ba.vocab);
+    k = gamma * lr + la - lb;
+    if (threadIdx.x == 0) {
+      logps[n + i] = lr;
+      logps[2 * n + i] = la;
+      logps[3 * n + i] = lb;
+    }
+  }
+  const T* xp = row_ptr<T>(p, i);
+  const float lse = row_lse(xp, p.vocab), z = to_f(xp[y]);
+  const float lp = z - lse, d = gamma * lp - k, w = weight[i];
+  if (threadIdx.x == 0) {
+    logps[i] = lp;
+    loss[i] = w * d * d;
+  }
+  if (grad != nullptr) row_grad(xp, grad + i * p.vocab, p.vocab, lse, 2.f * gamma * w * d, y, z);
+}
+
+template <typename T>
+__global__ void scale_rows_kernel(T* grad, const float* scale, int64_t V) {
+  const int64_t i = blockIdx.x;
+  const float s = scale[i];
+  if (s == 1.f) return;
+  T* row = grad + i * V;
+  for (int64_t j = threadIdx.x; j < V; j += kThreads) row[j] = static_cast<T>(to_f(row[j]) * s);
+}
+
+// ------------------------------------------------------------------------------------------ launchers
+template <typename F>
+void dispatch_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(at::BFloat16{});
+    case at::kHalf: return f(at::Half{});
+    default: TORCH_CHECK(false, "CUDA kernels take float32, bfloat16 or float16, got ", dtype);
+  }
+}
+
+Rows rows_of(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.dim() == 2 && t.stride(1) == 1, name, " must be a CUDA [N, V] tensor, unit stride in V");
+  return Rows{t.data_ptr(), t.stride(0), t.size(1)};
+}
+
+void check_labels(const Tensor& labels, int64_t n) {
+  TORCH_CHECK(labels.is_cuda() && labels.dim() == 1 && labels.size(0) == n && labels.scalar_type() == at::kLong &&
+                  labels.is_contiguous(), "labels must be contiguous CUDA int64 [N]");
+}
+
+Tensor f32(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+std::tuple<Tensor, Tensor> logprobs(const Tensor& logits, const Tensor& labels, int64_t ignore_index) {
+  const Rows r = rows_of(logits, "logits");
+  const int64_t n = logits.size(0);
+  check_labels(labels, n);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  auto opts = logits.options().dtype(at::kFloat);
+  Tensor logp = at::empty({n}, opts), lse = at::empty({n}, opts);
+  if (n == 0) return {logp, lse};
+  dispatch_dtype(logits.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    logprobs_kernel<T><<<n, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        r, labels.data_ptr<int64_t>(), ignore_index, logp.data_ptr<float>(), lse.data_ptr<float>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {logp, lse};
+}
+
+Tensor logprobs_backward(const Tensor& logits, const Tensor& labels, const Tensor& lse, const Tensor& grad_logp,
+                         int64_t ignore_index, Tensor out) {
+  const Rows r = rows_of(logits, "logits");
+  const int64_t n = logits.size(0);
+  check_labels(labels, n);
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == logits.scalar_type() && out.sizes() == logits.sizes(),
+              "out must be contiguous with the logits' shape and dtype");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  if (n == 0) return out;
+  Tensor l = f32(lse), g = f32(grad_logp);
+  dispatch_dtype(logits.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    logprobs_backward_kernel<T><<<n, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        r, labels.data_ptr<int64_t>(), ignore_index, l.data_ptr<float>(), g.data_ptr<float>(), out.data_ptr<T>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+Tensor weak_log_ratio(const Tensor& aligned, const Tensor& base, const Tensor& labels, int64_t ignore_index) {
+  TORCH_CHECK(aligned.scalar_type() == base.scalar_type(), "aligned and base logits must share a dtype");
+  const Rows ra = rows_of(aligned, "aligned"), rb = rows_of(base, "base");
+  const int64_t n = aligned.size(0);
+  check_labels(labels, n);
+  const c10::cuda::CUDAGuard guard(aligned.device());
+  Tensor out = at::empty({n}, aligned.options().dtype(at::kFloat));
+  if (n == 0) return out;
+  dispatch_dtype(aligned.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    weak_log_ratio_kernel<T><<<n, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        ra, rb, labels.data_ptr<int64_t>(), ignore_index, out.data_ptr<float>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+template <typename T>
+T* grad_ptr(const c10::optional<Tensor>& grad, const Tensor& policy) {
+  if (!grad.has_value()) return nullptr;
+  TORCH_CHECK(grad->scalar_type() == policy.scalar_type() && grad->sizes() == policy.sizes() &&
+                  grad->stride(1) == 1 && grad->stride(0) == policy.size(1),
+              "grad must be a contiguous [N, V] buffer of the policy's dtype");
+  return grad->data_ptr<T>();
+}
+
+std::tuple<Tensor, Tensor> wspo(const Tensor& policy, const Tensor* frozen, const c10::optional<Tensor>& k,
+                                const Tensor& labels, const Tensor& weight, double gamma, int64_t ignore_index,
+                                const c10::optional<Tensor>& grad) {
+  const Rows p = rows_of(policy, "policy");
+  const int64_t n = policy.size(0);
+  check_labels(labels, n);
+  Rows fr[3] = {p, p, p};
+  if (frozen != nullptr) {
+    for (int m = 0; m < 3; ++m) {
+      TORCH_CHECK(frozen[m].scalar_type() == policy.scalar_type(), "the one-pass kernel needs one dtype for all four");
+      TORCH_CHECK(frozen[m].size(0) == n, "row count mismatch");
+      fr[m] = rows_of(frozen[m], "frozen logits");
+    }
+  }
+  const c10::cuda::CUDAGuard guard(policy.device());
+  auto opts = policy.options().dtype(at::kFloat);
+  Tensor loss = at::empty({n}, opts), logps = at::empty({frozen ? 4 : 1, n}, opts);
+  if (n == 0) return {loss, frozen ? logps : logps[0]};
+  Tensor w = f32(weight), kk = k.has_value() ? f32(*k) : Tensor();
+  dispatch_dtype(policy.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    wspo_kernel<T><<<n, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        p, fr[0], fr[1], fr[2], k.has_value() ? kk.data_ptr<float>() : nullptr, labels.data_ptr<int64_t>(),
+        w.data_ptr<float>(), static_cast<float>(gamma), ignore_index, loss.data_ptr<float>(), logps.data_ptr<float>(),
+        n, grad_ptr<T>(grad, policy));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {loss, frozen ? logps : logps[0]};
+}
+
+std::tuple<Tensor, Tensor> wspo_rows(const Tensor& policy, const Tensor& labels, const Tensor& k, const Tensor& weight,
+                                     double gamma, int64_t ignore_index, c10::optional<Tensor> grad) {
+  return wspo(policy, nullptr, k, labels, weight, gamma, ignore_index, grad);
+}
+
+std::tuple<Tensor, Tensor> wspo_four(const Tensor& policy, const Tensor& ref, const Tensor& aligned,
+                                     const Tensor& base, const Tensor& labels, const Tensor& weight, double gamma,
+                                     int64_t ignore_index, c10::optional<Tensor> grad) {
+  const Tensor frozen[3] = {ref, aligned, base};
+  return wspo(policy, frozen, c10::nullopt, labels, weight, gamma, ignore_index, grad);
+}
+
+void scale_rows_(Tensor grad, const Tensor& scale) {
+  TORCH_CHECK(grad.is_cuda() && grad.dim() == 2 && grad.is_contiguous(), "grad must be a contiguous CUDA [N, V]");
+  const int64_t n = grad.size(0);
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(grad.device());
+  Tensor s = f32(scale);
+  dispatch_dtype(grad.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    scale_rows_kernel<T><<<n, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(grad.data_ptr<T>(), s.data_ptr<float>(),
+                                                                                grad.size(1));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace wspo_cuda
