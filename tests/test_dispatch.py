@@ -30,6 +30,12 @@ def test_argument_overrides_environment(monkeypatch):
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(RuntimeError, match="backend 'triton' cannot run on cpu"):
+    triton_rows = pytest.importorskip("wspo_kernels.backends.triton_rows")
+    monkeypatch.setattr(triton_rows, "_INTERPRETED", False)  # as if imported without TRITON_INTERPRET=1
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run on cpu .*TRITON_INTERPRET=1"):
         select_backend("triton", torch.device("cpu"), torch.float32)
+
+
+def test_triton_refuses_float64():
+    triton_rows = pytest.importorskip("wspo_kernels.backends.triton_rows")
+    assert "float64" in triton_rows.unavailable_reason(torch.device("cuda"), torch.float64)

@@ -13,6 +13,8 @@ Frozen-model ops (``weak_log_ratio``) have no autograd: the public wrappers deta
 """
 from typing import Optional, Tuple
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -29,6 +31,26 @@ def _acc(x: Tensor) -> torch.dtype:
 
 def _rows_backend(backend: str, x: Tensor):
     return select_backend(backend, x.device, x.dtype)
+
+
+LINEAR_ENV_VAR = "WSPO_KERNELS_LINEAR"   # auto | chunked | fused
+
+
+def _linear_impl(rows):
+    """Logits-free kernels when the backend has them (Triton), else the chunked GEMM driver.
+
+    The logits-free gradient accumulates with atomics; deterministic runs (torch.use_deterministic_
+    algorithms) and WSPO_KERNELS_LINEAR=chunked take the chunked path, which is bitwise reproducible.
+    """
+    choice = os.environ.get(LINEAR_ENV_VAR, "auto")
+    if choice not in ("auto", "chunked", "fused"):
+        raise ValueError(f"{LINEAR_ENV_VAR} must be auto, chunked or fused, got {choice!r}")
+    fused = getattr(rows, "linear", None)
+    if choice == "fused" and fused is None:
+        raise RuntimeError(f"{LINEAR_ENV_VAR}=fused: backend {rows.NAME!r} has no logits-free linear kernels")
+    if fused is not None and (choice == "fused" or (choice == "auto" and not torch.are_deterministic_algorithms_enabled())):
+        return fused
+    return chunked_linear
 
 
 # ----------------------------------------------------------------------------- logprobs
@@ -222,7 +244,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labe
                     backend: str) -> Tuple[Tensor, Tensor]:
     check_labels_range(labels, weight.shape[0], ignore_index, "lm_head weight")
     rows = _rows_backend(backend, hidden)
-    return chunked_linear.linear_logprobs(rows, hidden, weight, bias, labels, ignore_index)
+    return _linear_impl(rows).linear_logprobs(rows, hidden, weight, bias, labels, ignore_index)
 
 
 @linear_logprobs.register_fake
@@ -243,8 +265,8 @@ def linear_logprobs_backward(grad_logp: Tensor, hidden: Tensor, weight: Tensor, 
                              labels: Tensor, lse: Tensor, ignore_index: int, grad_hidden: bool, grad_weight: bool,
                              backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     rows = _rows_backend(backend, hidden)
-    return chunked_linear.linear_logprobs_backward(rows, grad_logp, hidden, weight, bias, labels, lse, ignore_index,
-                                                   grad_hidden, grad_weight)
+    return _linear_impl(rows).linear_logprobs_backward(rows, grad_logp, hidden, weight, bias, labels, lse,
+                                                       ignore_index, grad_hidden, grad_weight)
 
 
 @linear_logprobs_backward.register_fake
@@ -275,8 +297,8 @@ def linear_wspo(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: 
                 backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     check_labels_range(labels, weight.shape[0], ignore_index, "lm_head weight")
     rows = _rows_backend(backend, hidden)
-    return chunked_linear.linear_wspo(rows, hidden, weight, bias, labels, k, token_weight, gamma, ignore_index,
-                                      grad_hidden, grad_weight)
+    return _linear_impl(rows).linear_wspo(rows, hidden, weight, bias, labels, k, token_weight, gamma, ignore_index,
+                                          grad_hidden, grad_weight)
 
 
 @linear_wspo.register_fake

@@ -1,0 +1,7 @@
+"""Without a GPU, the Triton kernels run under the interpreter (set before triton is imported)."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,0 +1,63 @@
+"""Logits-free Triton linear kernels vs the chunked path; the choice between them."""
+import pytest
+import torch
+
+import wspo_kernels as wk
+from wspo_kernels import chunked_linear, ops
+
+from helpers import BACKENDS, make_labels
+
+pytestmark = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton unavailable (no GPU, no interpreter)")
+
+
+def _models(seed=0, B=2, T=9, H=40, V=300, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    models = []
+    for v in (V, V, V + 7, V - 5):
+        models.append((torch.randn(B, T, H, generator=g), torch.randn(v, H, generator=g) / H ** 0.5 * 3,
+                       torch.randn(v, generator=g) if bias else None))
+    labels = make_labels((B, T), V - 5, generator=g, ignore_rows=(1,))
+    return models, labels
+
+
+def _run(models, labels, reduction):
+    h, w, b = (t.clone().requires_grad_() for t in models[0])
+    loss = wk.linear_wspo_loss(h, w, labels, bias=b, ref=models[1], weak_aligned=models[2], weak_base=models[3],
+                               reduction=reduction, backend="triton")
+    loss.sum().backward()
+    return loss.detach(), h.grad, w.grad, b.grad
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_equals_chunked(reduction, monkeypatch):
+    models, labels = _models()
+    monkeypatch.setenv(ops.LINEAR_ENV_VAR, "fused")
+    fused = _run(models, labels, reduction)
+    monkeypatch.setenv(ops.LINEAR_ENV_VAR, "chunked")
+    monkeypatch.setattr(chunked_linear, "LINEAR_CHUNK_ELEMS", 1000)
+    chunked = _run(models, labels, reduction)
+    for a, b in zip(fused, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_choice_of_linear_implementation(monkeypatch):
+    rows = wk.select_backend("triton", torch.device("cpu"), torch.float32)
+    monkeypatch.delenv(ops.LINEAR_ENV_VAR, raising=False)
+    assert ops._linear_impl(rows) is rows.linear
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert ops._linear_impl(rows) is chunked_linear
+    monkeypatch.setenv(ops.LINEAR_ENV_VAR, "sometimes")
+    with pytest.raises(ValueError, match="auto, chunked or fused"):
+        ops._linear_impl(rows)
+    torch_rows = wk.select_backend("torch", torch.device("cpu"), torch.float32)
+    monkeypatch.setenv(ops.LINEAR_ENV_VAR, "fused")
+    with pytest.raises(RuntimeError, match="has no logits-free linear kernels"):
+        ops._linear_impl(torch_rows)
+
+
+def test_fully_ignored_batch_does_no_gradient_work():
+    models, labels = _models(seed=2)
+    labels = torch.full_like(labels, -100)
+    loss, dh, dw, db = _run(models, labels, "mean")
+    assert loss.item() == 0.0
+    assert not dh.any() and not dw.any() and not db.any()
