@@ -1,7 +1,8 @@
-"""``wspo-kernels`` / ``python -m wspo_kernels``: the self-check (default) and, as they land, more jobs.
+"""``wspo-kernels`` / ``python -m wspo_kernels``: the self-check (default) and the benchmarks.
 
     wspo-kernels                 # = wspo-kernels check: every available backend vs the naive loss
     wspo-kernels check --tokens 2048 --vocab 32000
+    wspo-kernels bench --quick   # peers vs every backend, JSON + table + plots (wspo_kernels.bench.runner)
 """
 import argparse
 import statistics
@@ -112,6 +113,10 @@ def check(args):
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from wspo_kernels.bench.runner import main as bench_main
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="wspo-kernels", description="wspo-kernels command line")
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("check", help="compare every available backend with the naive loss (default)")
@@ -122,9 +127,10 @@ def main(argv=None):
     p.add_argument("--gamma", type=float, default=0.1)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    sub.add_parser("bench", help="benchmarks against the peers (wspo-kernels bench --help)")
     args = parser.parse_args(argv)
     if args.command is None:
-        args = parser.parse_args(["check"] + list(argv or sys.argv[1:]))
+        args = parser.parse_args(["check"] + argv)
     return check(args)
 
 

@@ -1,0 +1,45 @@
+"""pytest-benchmark microbenchmarks (`pytest benchmarks/ --benchmark-only`): small, in-process shapes.
+
+For the sweep with peers, peak memory per process and plots use `wspo-kernels bench`.
+"""
+import pytest
+import torch
+
+import wspo_kernels as wk
+from wspo_kernels.bench import impls, runner
+
+CASES = ["logits:1024x32000:fp32", "linear:1024x512x32000:fp32", "logps:2048x32000:fp32"]
+
+
+def _params():
+    out = []
+    for spec in CASES:
+        case = runner.parse_case(spec)
+        for impl in impls.IMPLS[case["kind"]]:
+            reason = impls.available(impl, torch.device("cpu"), runner.DTYPES[case["dtype"]])
+            marks = [pytest.mark.skip(reason=reason)] if reason else []
+            out.append(pytest.param(case, impl, id=f"{spec}-{impl}", marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("case,impl", _params())
+def test_step(benchmark, case, impl):
+    x = runner.make_inputs(case, torch.device("cpu"))
+    step = impls.IMPLS[case["kind"]][impl](x)
+
+    def run():
+        for p in x["params"]:
+            p.grad = None
+        step()
+    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+
+
+def test_loss_agrees_with_official():
+    """The benchmarked implementations compute the same loss (a benchmark of a wrong answer is worthless)."""
+    x = runner.make_inputs(runner.parse_case("logits:1024x1000:fp32"), torch.device("cpu"))
+    lab, mask = impls._shifted(x["labels"])
+    lp = [impls._official_logps(z, lab) for z in (x["policy"], *x["frozen"])]
+    official = impls._wspo_from_logps(*lp, mask)
+    ours = wk.wspo_loss(x["policy"], x["labels"], ref=x["frozen"][0], weak_aligned=x["frozen"][1],
+                        weak_base=x["frozen"][2], gamma=impls.GAMMA)
+    torch.testing.assert_close(ours, official, rtol=1e-5, atol=0)

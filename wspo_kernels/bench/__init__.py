@@ -1,0 +1,1 @@
+"""Benchmarks against the peers: ``wspo-kernels bench`` (see ``runner``) and the implementations (``impls``)."""
