@@ -1,0 +1,238 @@
+"""``wspo-kernels demo``: the whole WSPO pipeline end to end on tiny models built from configs.
+
+A synthetic instruction task the demo generates itself: the prompt is a few random symbols, a response
+is a permutation of them; the *preferred* response is the sorted one.
+
+1. pretrain a weak (1 layer) and a strong (2 layers, wider) causal LM from random init on shuffled
+   responses: both learn the task's format (a permutation of the prompt), neither prefers the order;
+2. align the weak model by preferred-response fine-tuning (SFT on sorted responses only);
+3. precompute the frozen models' per-token logps (strong reference, weak aligned, weak base) once;
+4. train the strong model with WSPO (``WSPOTrainer``, fused linear loss, no frozen model resident);
+5. report, on held-out prompts, each model's preference margin log p(sorted) - log p(shuffled) and its
+   win rate (margin > 0), plus the loss curve (PNG) and the peak memory of a training step with the
+   frozen models resident vs precomputed.
+
+Nothing is downloaded; ``--quick`` is the reduced setting CI runs.
+"""
+import argparse
+import copy
+import os
+import subprocess
+import sys
+import random
+import time
+
+import torch
+
+SPECIAL = {"pad": 0, "bos": 1, "eos": 2, "sep": 3}
+N_SYMBOLS = 12
+VOCAB = len(SPECIAL) + N_SYMBOLS
+
+
+def _example(rng, sort):
+    k = rng.randint(3, 5)
+    prompt = [rng.randrange(N_SYMBOLS) + len(SPECIAL) for _ in range(k)]
+    response = sorted(prompt) if sort else rng.sample(prompt, k)
+    return [SPECIAL["bos"]] + prompt + [SPECIAL["sep"]], response + [SPECIAL["eos"]]
+
+
+def _rows(pairs):
+    from .data import build_example
+    return [build_example(p, r) for p, r in pairs]
+
+
+def _model(size, seed):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    hidden, layers = {"weak": (32, 1), "strong": (64, 2)}[size]
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
+                         pad_token_id=SPECIAL["pad"], bos_token_id=SPECIAL["bos"], eos_token_id=SPECIAL["eos"],
+                         tie_word_embeddings=size == "weak")
+    return LlamaForCausalLM(config)
+
+
+def _sft(model, rows, steps, lr, desc, batch_size=32, seed=0):
+    """Plain next-token fine-tuning on the response tokens (the pretraining and alignment stages)."""
+    from tqdm.auto import tqdm
+    from .data import WSPODataCollator
+    collate = WSPODataCollator(SPECIAL["pad"])
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    rng = random.Random(seed)
+    model.train()
+    for _ in tqdm(range(steps), desc=desc, leave=False):
+        batch = collate(rng.sample(rows, batch_size))
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def _margins(model, pairs_sorted, pairs_shuffled):
+    """log p(response | prompt) of the sorted minus the shuffled response, per held-out prompt."""
+    from .. import token_logprobs
+    from .data import WSPODataCollator
+    collate = WSPODataCollator(SPECIAL["pad"])
+    out = []
+    for pairs in (pairs_sorted, pairs_shuffled):
+        batch = collate(_rows(pairs))
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        out.append(token_logprobs(logits, batch["labels"], shift=True).sum(-1))
+    return out[0] - out[1]
+
+
+def _peak_step_mib(step):
+    """Peak resident memory (MiB) of one call above the resident set before it (Linux; else nan)."""
+    try:
+        with open("/proc/self/status") as f:
+            base = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        step()
+        with open("/proc/self/status") as f:
+            return (next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) - base) / 1024
+    except OSError:
+        step()
+        return float("nan")
+
+
+def run(*, quick=False, gamma=0.25, out_dir="wspo_demo", seed=0, log=print):
+    import datasets
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    datasets.disable_progress_bars()
+
+    from .precompute import precompute_logps
+    from .trainer import WSPOTrainer
+
+    t_start = time.time()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    rng = random.Random(seed)
+    scale = 0.35 if quick else 1.0
+    n_pre, n_align, n_wspo = int(600 * scale), int(300 * scale), int(240 * scale)
+    pretrain = _rows([_example(rng, sort=False) for _ in range(2000)])
+    aligned_rows = _rows([_example(rng, sort=True) for _ in range(1000)])
+    wspo_rows = _rows([_example(rng, sort=True) for _ in range(512)])
+    held = [_example(rng, sort=True) for _ in range(200)]
+    held_shuffled = [(p, rng.sample(r[:-1], len(r) - 1) + [SPECIAL["eos"]]) for p, r in held]
+
+    weak_base = _sft(_model("weak", seed), pretrain, n_pre, 3e-3, "pretrain weak base")
+    strong_base = _sft(_model("strong", seed + 1), pretrain, n_pre, 2e-3, "pretrain strong base")
+    weak_aligned = _sft(copy.deepcopy(weak_base), aligned_rows, n_align, 1e-3, "align weak (SFT on preferred)")
+
+    os.makedirs(out_dir, exist_ok=True)
+    data = precompute_logps(Dataset.from_list(wspo_rows), ref_model=strong_base, weak_aligned_model=weak_aligned,
+                            weak_base_model=weak_base, batch_size=64, output_dir=os.path.join(out_dir, "precomputed"),
+                            resume=False, pad_token_id=SPECIAL["pad"])
+    policy = copy.deepcopy(strong_base)
+    args = TrainingArguments(output_dir=os.path.join(out_dir, "wspo"), per_device_train_batch_size=32,
+                             gradient_accumulation_steps=1, max_steps=n_wspo, learning_rate=1e-3, logging_steps=5,
+                             save_strategy="no", report_to=[], use_cpu=True, seed=seed, disable_tqdm=False,
+                             lr_scheduler_type="constant")
+    trainer = WSPOTrainer(policy, args, train_dataset=data, gamma=gamma)
+    trainer.train()
+    policy.eval()
+
+    mem_resident, mem_pre = (_probe(mode, quick) for mode in ("resident", "precomputed"))
+
+    rows = []
+    for name, model in (("weak base", weak_base), ("weak aligned", weak_aligned), ("strong base", strong_base),
+                        ("strong after WSPO", policy)):
+        m = _margins(model, held, held_shuffled)
+        rows.append((name, m.mean().item(), (m > 0).float().mean().item()))
+    table = ["| model | preference margin (nats) | win rate |", "|---|---|---|"]
+    table += [f"| {n} | {m:+.3f} | {w:.1%} |" for n, m, w in rows]
+    losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    png = _plot(losses, os.path.join(out_dir, "wspo_loss.png"))
+    log("\n".join(table))
+    log(f"\nWSPO: gamma={gamma}, {n_wspo} steps; loss {losses[0][1]:.4f} -> {losses[-1][1]:.4f}"
+        + (f"; curve: {png}" if png else ""))
+    shape = dict(PROBE, batch=2, seq=256) if quick else PROBE
+    log(f"peak extra memory of one training step (vocab {shape['vocab']}, hidden {shape['hidden']}, "
+        f"{shape['batch']}x{shape['seq']} tokens): frozen models resident {mem_resident:.0f} MiB, "
+        f"precomputed {mem_pre:.0f} MiB; total time {time.time() - t_start:.0f} s")
+    return dict(rows=rows, losses=losses, mem_resident=mem_resident, mem_precomputed=mem_pre)
+
+
+PROBE = dict(vocab=32000, hidden=256, layers=2, batch=4, seq=512)   # a realistically shaped step
+
+
+def _probe(mode, quick):
+    """Peak memory (MiB) of one WSPO training step at PROBE's shape, in a fresh process."""
+    out = subprocess.run([sys.executable, "-m", "wspo_kernels.train.demo", "--probe", mode]
+                         + (["--quick"] if quick else []), capture_output=True, text=True)
+    try:
+        return float(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return float("nan")
+
+
+def _probe_step(mode, quick):
+    """One WSPO step of a vocab-32000 policy with its three frozen models resident or precomputed."""
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+    from .data import LOGPS_COLUMNS
+    from .trainer import WSPOTrainer
+    cfg = dict(PROBE, batch=2, seq=256) if quick else PROBE
+    config = LlamaConfig(vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], intermediate_size=2 * cfg["hidden"],
+                         num_hidden_layers=cfg["layers"], num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=cfg["seq"])
+    torch.manual_seed(0)
+    policy = LlamaForCausalLM(config)
+    frozen = [LlamaForCausalLM(config) for _ in range(3)] if mode == "resident" else [None] * 3
+    batch = dict(input_ids=torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"])))
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    batch["labels"] = batch["input_ids"].clone()
+    batch["labels"][:, : cfg["seq"] // 4] = -100
+    if mode == "precomputed":
+        for column in LOGPS_COLUMNS.values():
+            batch[column] = -torch.rand(cfg["batch"], cfg["seq"] - 1) * 10
+    args = TrainingArguments(output_dir="/tmp/wspo_probe", report_to=[], use_cpu=True)
+    trainer = WSPOTrainer(policy, args, ref_model=frozen[0], weak_aligned_model=frozen[1], weak_base_model=frozen[2])
+
+    def step():
+        trainer.compute_loss(policy.train(), batch).backward()
+        policy.zero_grad(set_to_none=True)
+    step()  # warm-up: lazily loaded code, allocator growth
+    return _peak_step_mib(step)
+
+
+def _plot(losses, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([s for s, _ in losses], [v for _, v in losses])
+    ax.set_xlabel("step")
+    ax.set_ylabel("WSPO loss")
+    ax.set_title("strong model, fused WSPO loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="wspo-kernels demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the reduced setting (CI)")
+    p.add_argument("--gamma", type=float, default=0.25)
+    p.add_argument("--out", default="wspo_demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--probe", choices=("resident", "precomputed"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.probe:
+        print(_probe_step(args.probe, args.quick))
+        return 0
+    run(quick=args.quick, gamma=args.gamma, out_dir=args.out, seed=args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Final hidden states and lm_head of a causal LM, without computing its full logits.
+
+The model is called through its own forward (so DDP / PEFT wrappers do their work) with
+``output_hidden_states=True`` and logits for only the last position (``logits_to_keep=1``); the last
+entry of ``hidden_states`` is the post-norm state that the lm_head multiplies.  Heads that transform the
+logits beyond ``h W^T + b`` (a logit scale, a final soft-cap) are refused rather than silently ignored.
+"""
+import inspect
+
+import torch
+
+
+def _unwrap(model):
+    """The underlying ``...ForCausalLM`` of a DDP / PEFT wrapper."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def check_supported(model) -> None:
+    inner = _unwrap(model)
+    config = getattr(inner, "config", None)
+    if getattr(config, "final_logit_softcapping", None):
+        raise NotImplementedError(f"{type(inner).__name__} soft-caps its logits (final_logit_softcapping): the fused "
+                                  "loss assumes logits = h W^T + b")
+    scale = getattr(inner, "logit_scale", None) or getattr(config, "logit_scale", None)
+    if scale not in (None, 1, 1.0):
+        raise NotImplementedError(f"{type(inner).__name__} scales its logits (logit_scale={scale}): not supported")
+    if inner.get_output_embeddings() is None:
+        raise ValueError(f"{type(inner).__name__} has no output embeddings (lm_head)")
+
+
+def _last_logits_kwarg(inner):
+    params = inspect.signature(inner.forward).parameters
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return {name: 1}
+    return {}
+
+
+def lm_head_inputs(model, input_ids, attention_mask=None):
+    """(hidden [B, T, H], lm_head weight [V, H], bias [V] or None) for ``linear_*`` losses."""
+    check_supported(model)
+    inner = _unwrap(model)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False,
+                **_last_logits_kwarg(inner))
+    head = inner.get_output_embeddings()
+    return out.hidden_states[-1], head.weight, getattr(head, "bias", None)

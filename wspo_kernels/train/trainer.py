@@ -1,0 +1,128 @@
+"""``WSPOTrainer``: a ``transformers.Trainer`` that trains the strong policy with the fused WSPO loss.
+
+- The policy loss is ``linear_wspo_loss`` on the final hidden states and the lm_head weight (tied or not,
+  with its bias if it has one): the policy's full logits are never built.
+- The frozen models are either resident (``ref_model``, ``weak_aligned_model``, ``weak_base_model``; the
+  reference may be omitted for a PEFT policy: it is then the policy with its adapters disabled) or, better,
+  precomputed offline (``precompute_logps``) and read from the batch columns ``LOGPS_COLUMNS``.
+- Normalisation: the loss of an optimizer step is the mean over every sequence of the step, across
+  gradient-accumulation micro-batches and data-parallel ranks: each micro-batch passes the global count
+  as ``normalizer`` (divided by the world size, which DDP's gradient averaging restores), and the
+  trainer does not divide by the accumulation steps again.  Same gradients as one big batch.
+- Logged metrics: loss, mean Δs (strong log-ratio), mean Δw (weak log-ratio), the implicit reward
+  γ·Δs, mean policy logp, each over response tokens.
+"""
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+
+from .. import linear_wspo_loss
+from .._inputs import check_gamma
+from .data import IGNORE_INDEX, LOGPS_COLUMNS, WSPODataCollator
+from .model_io import check_supported, lm_head_inputs
+
+ROLES = ("ref", "weak_aligned", "weak_base")
+
+
+def count_sequences(labels: torch.Tensor) -> int:
+    """Sequences with at least one response token after the causal shift (the mean's B')."""
+    return int(((labels[:, 1:] != IGNORE_INDEX).sum(-1) > 0).sum())
+
+
+class WSPOTrainer(Trainer):
+    def __init__(self, model=None, args=None, *, gamma=0.1, ref_model=None, weak_aligned_model=None,
+                 weak_base_model=None, backend=None, data_collator=None, **kwargs):
+        if args is not None:
+            args.remove_unused_columns = False  # the precomputed logps columns must reach compute_loss
+        if data_collator is None:
+            pad = getattr(kwargs.get("processing_class"), "pad_token_id", None)
+            pad = pad if pad is not None else getattr(getattr(model, "config", None), "pad_token_id", None)
+            data_collator = WSPODataCollator(pad if pad is not None else 0)
+        super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
+        check_supported(model)
+        self.gamma = check_gamma(gamma)
+        self.backend = backend
+        self.frozen_models = {}
+        for role, m in zip(ROLES, (ref_model, weak_aligned_model, weak_base_model)):
+            if m is not None:
+                check_supported(m)
+                m = m.to(self.args.device).eval().requires_grad_(False)
+            self.frozen_models[role] = m
+        self._num_sequences = None       # global sequence count of the current optimizer step
+        self._metrics = {"train": defaultdict(float), "eval": defaultdict(float)}
+
+    # ------------------------------------------------------------------ normalisation
+    def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
+        n = sum(count_sequences(b["labels"]) for b in batch_samples)
+        if self.args.world_size > 1:
+            n = int(self.accelerator.gather(torch.tensor([n], device=self.args.device)).sum())
+        self._num_sequences = n
+        return batch_samples, num_items
+
+    def _normalizer(self, model):
+        if not model.training or self._num_sequences is None:
+            return None  # evaluation: the mean over this batch
+        return max(self._num_sequences, 1) / max(self.args.world_size, 1)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        if self._num_sequences is None:  # no step-wide count (older Trainer): per-micro-batch means
+            loss = loss / self.args.gradient_accumulation_steps
+        self.accelerator.backward(loss)
+        return loss.detach()
+
+    # ------------------------------------------------------------------ the loss
+    def _frozen(self, role, model, inputs):
+        column = LOGPS_COLUMNS[role]
+        if column in inputs:
+            return inputs[column]
+        frozen = self.frozen_models[role]
+        adapters_off = None
+        if frozen is None and role == "ref":
+            peft_model = getattr(model, "module", model)
+            if hasattr(peft_model, "disable_adapter"):
+                frozen, adapters_off = model, peft_model.disable_adapter
+        if frozen is None:
+            raise ValueError(f"WSPOTrainer needs the {role} model or a precomputed '{column}' column")
+        with torch.no_grad():
+            if adapters_off is not None:
+                with adapters_off():
+                    parts = lm_head_inputs(frozen, inputs["input_ids"], inputs.get("attention_mask"))
+            else:
+                parts = lm_head_inputs(frozen, inputs["input_ids"], inputs.get("attention_mask"))
+        hidden, weight, bias = parts
+        return (hidden, weight) if bias is None else (hidden, weight, bias)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        hidden, weight, bias = lm_head_inputs(model, inputs["input_ids"], inputs.get("attention_mask"))
+        frozen = {role: self._frozen(role, model, inputs) for role in ROLES}
+        out = linear_wspo_loss(hidden, weight, inputs["labels"], bias=bias, gamma=self.gamma,
+                               normalizer=self._normalizer(model), return_metrics=True, backend=self.backend, **frozen)
+        self._record(out, "train" if model.training else "eval")
+        return (out.loss, {"policy_logps": out.policy_logps}) if return_outputs else out.loss
+
+    # ------------------------------------------------------------------ metrics
+    def _record(self, out, split):
+        m, store = out.mask, self._metrics[split]
+        store["tokens"] += float(m.sum())
+        store["delta_strong"] += float(out.strong_log_ratio[m].sum())
+        store["delta_weak"] += float(out.weak_log_ratio[m].sum())
+        store["policy_logps"] += float(out.policy_logps[m].sum())
+
+    def log(self, logs, *args, **kwargs):
+        split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        store = self._metrics[split]
+        if store["tokens"] > 0:
+            prefix = "eval_" if split == "eval" else ""
+            n = store["tokens"]
+            logs[f"{prefix}wspo/delta_strong"] = store["delta_strong"] / n
+            logs[f"{prefix}wspo/delta_weak"] = store["delta_weak"] / n
+            logs[f"{prefix}wspo/implicit_reward"] = self.gamma * store["delta_strong"] / n
+            logs[f"{prefix}wspo/policy_logps"] = store["policy_logps"] / n
+        store.clear()
+        return super().log(logs, *args, **kwargs)
