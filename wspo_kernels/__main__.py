@@ -3,6 +3,8 @@
     wspo-kernels                 # = wspo-kernels check: every available backend vs the naive loss
     wspo-kernels check --tokens 2048 --vocab 32000
     wspo-kernels bench --quick   # peers vs every backend, JSON + table + plots (wspo_kernels.bench.runner)
+    wspo-kernels demo [--quick]  # the end-to-end WSPO pipeline on tiny models (wspo_kernels.train.demo)
+    wspo-kernels precompute CONFIG.yaml / wspo-kernels train CONFIG.yaml   (wspo_kernels.train.cli)
 """
 import argparse
 import statistics
@@ -117,6 +119,13 @@ def main(argv=None):
     if argv[:1] == ["bench"]:
         from wspo_kernels.bench.runner import main as bench_main
         return bench_main(argv[1:])
+    if argv[:1] == ["demo"]:
+        from wspo_kernels.train.demo import main as demo_main
+        return demo_main(argv[1:])
+    if argv[:1] in (["train"], ["precompute"]) and len(argv) == 2:
+        from wspo_kernels.train import cli
+        (cli.train_main if argv[0] == "train" else cli.precompute_main)(argv[1])
+        return 0
     parser = argparse.ArgumentParser(prog="wspo-kernels", description="wspo-kernels command line")
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("check", help="compare every available backend with the naive loss (default)")
@@ -128,6 +137,9 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     sub.add_parser("bench", help="benchmarks against the peers (wspo-kernels bench --help)")
+    sub.add_parser("demo", help="the end-to-end WSPO pipeline on tiny models (wspo-kernels demo --help)")
+    sub.add_parser("precompute", help="run the frozen models once: wspo-kernels precompute CONFIG.yaml")
+    sub.add_parser("train", help="WSPO training: wspo-kernels train CONFIG.yaml")
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["check"] + argv)

@@ -151,9 +151,9 @@ def run(*, quick=False, gamma=0.25, out_dir="wspo_demo", seed=0, log=print):
     log(f"\nWSPO: gamma={gamma}, {n_wspo} steps; loss {losses[0][1]:.4f} -> {losses[-1][1]:.4f}"
         + (f"; curve: {png}" if png else ""))
     shape = dict(PROBE, batch=2, seq=256) if quick else PROBE
-    log(f"peak extra memory of one training step (vocab {shape['vocab']}, hidden {shape['hidden']}, "
-        f"{shape['batch']}x{shape['seq']} tokens): frozen models resident {mem_resident:.0f} MiB, "
-        f"precomputed {mem_pre:.0f} MiB; total time {time.time() - t_start:.0f} s")
+    log(f"memory of one training step beyond the policy (vocab {shape['vocab']}, hidden {shape['hidden']}, "
+        f"{shape['batch']}x{shape['seq']} tokens): frozen models resident {mem_resident:.0f} MiB (their weights "
+        f"+ the step's peak), precomputed {mem_pre:.0f} MiB; total time {time.time() - t_start:.0f} s")
     return dict(rows=rows, losses=losses, mem_resident=mem_resident, mem_precomputed=mem_pre)
 
 
@@ -161,7 +161,8 @@ PROBE = dict(vocab=32000, hidden=256, layers=2, batch=4, seq=512)   # a realisti
 
 
 def _probe(mode, quick):
-    """Peak memory (MiB) of one WSPO training step at PROBE's shape, in a fresh process."""
+    """Peak memory (MiB) of one WSPO training step at PROBE's shape, in a fresh process, plus the
+    weights of the frozen models when they are resident."""
     out = subprocess.run([sys.executable, "-m", "wspo_kernels.train.demo", "--probe", mode]
                          + (["--quick"] if quick else []), capture_output=True, text=True)
     try:
@@ -197,7 +198,8 @@ def _probe_step(mode, quick):
         trainer.compute_loss(policy.train(), batch).backward()
         policy.zero_grad(set_to_none=True)
     step()  # warm-up: lazily loaded code, allocator growth
-    return _peak_step_mib(step)
+    weights = sum(p.numel() * p.element_size() for m in frozen if m is not None for p in m.parameters()) / 2 ** 20
+    return _peak_step_mib(step) + weights  # resident frozen models count with their weights
 
 
 def _plot(losses, path):

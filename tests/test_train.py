@@ -1,0 +1,255 @@
+"""WSPOTrainer, precompute and the demo on tiny random Llama models, against the official formulation."""
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments  # noqa: E402
+
+from wspo_kernels.reference import reference_wspo_loss  # noqa: E402
+from wspo_kernels.train import WSPODataCollator, WSPOTrainer, precompute_logps  # noqa: E402
+from wspo_kernels.train import precompute as precompute_mod  # noqa: E402
+from wspo_kernels.train.data import LOGPS_COLUMNS, build_example  # noqa: E402
+from wspo_kernels.train.trainer import count_sequences  # noqa: E402
+
+VOCAB = 48
+
+
+def tiny(seed, tie=False):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                         tie_word_embeddings=tie)
+    return LlamaForCausalLM(config)
+
+
+def examples(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        p = torch.randint(1, VOCAB, (2 + i % 3,), generator=g).tolist()
+        r = torch.randint(1, VOCAB, (1 + (i * 2) % 5,), generator=g).tolist()
+        out.append(build_example(p, r))
+    return out
+
+
+def frozen_models():
+    return dict(ref_model=tiny(1), weak_aligned_model=tiny(2), weak_base_model=tiny(3))
+
+
+def args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, save_strategy="no")
+    return TrainingArguments(**{**base, **kw})
+
+
+def official_loss(policy, frozen, batch, gamma=0.1):
+    """The official formulation from every model's full logits, in float64."""
+    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = policy(**kw).logits.double()
+    with torch.no_grad():
+        ref, al, ba = (m(**kw).logits.double() for m in frozen)
+    return reference_wspo_loss(logits, batch["labels"], ref=ref, weak_aligned=al, weak_base=ba, gamma=gamma)
+
+
+def assert_grads_close(got, want):
+    for (name, a), b in zip(got, want):
+        scale = b.abs().max().item()
+        assert (a - b).abs().max().item() <= 1e-4 * max(scale, 1e-8), f"{name}: gradient differs"
+
+
+@pytest.mark.parametrize("precomputed", [False, True])
+@pytest.mark.parametrize("tie", [False, True])
+def test_trainer_matches_official_formulation(tmp_path, precomputed, tie):
+    policy, frozen = tiny(0, tie=tie), frozen_models()
+    rows = examples(6)
+    if precomputed:
+        rows = list(precompute_logps(datasets.Dataset.from_list(rows), **frozen, batch_size=4, progress=False))
+        trainer = WSPOTrainer(policy, args(tmp_path), gamma=0.1)
+    else:
+        trainer = WSPOTrainer(policy, args(tmp_path), gamma=0.1, **frozen)
+    batch = WSPODataCollator(0)(rows)
+    loss = trainer.compute_loss(policy.train(), batch)
+    named = [(n, p) for n, p in policy.named_parameters()]
+    grads = torch.autograd.grad(loss, [p for _, p in named])
+    want = official_loss(policy, list(frozen.values()), batch)
+    want_grads = torch.autograd.grad(want, [p for _, p in named])
+    assert math.isclose(loss.item(), want.item(), rel_tol=1e-5)
+    assert_grads_close(zip([n for n, _ in named], grads), want_grads)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    rows = list(precompute_logps(datasets.Dataset.from_list(examples(4)), **frozen_models(), progress=False))
+    ds = datasets.Dataset.from_list(rows)
+    finals = []
+    for bs, ga in ((4, 1), (1, 4), (2, 2)):
+        policy = tiny(0)
+        trainer = WSPOTrainer(policy, args(tmp_path, per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
+                                           max_steps=1, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant",
+                                           max_grad_norm=1e9, seed=0), train_dataset=ds, gamma=0.1)
+        trainer.train()
+        finals.append(torch.cat([p.detach().reshape(-1) for p in policy.parameters()]))
+    start = torch.cat([p.detach().reshape(-1) for p in tiny(0).parameters()])
+    assert (finals[0] - start).abs().max() > 1e-6, "the step must move the weights"
+    for other in finals[1:]:
+        torch.testing.assert_close(other, finals[0], rtol=1e-5, atol=1e-7)
+
+
+def test_lora_policy_reference_is_adapters_disabled(tmp_path):
+    peft = pytest.importorskip("peft")
+    policy = peft.get_peft_model(tiny(0), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for n, p in policy.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.2)  # adapters that actually change the model
+    frozen = frozen_models()
+    trainer = WSPOTrainer(policy, args(tmp_path), gamma=0.3, weak_aligned_model=frozen["weak_aligned_model"],
+                          weak_base_model=frozen["weak_base_model"])
+    batch = WSPODataCollator(0)(examples(5, seed=2))
+    loss = trainer.compute_loss(policy.train(), batch)
+    named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [p for _, p in named])
+    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    with torch.no_grad(), policy.disable_adapter():
+        ref_logits = policy(**kw).logits.double()
+    with torch.no_grad():
+        al, ba = (frozen[k](**kw).logits.double() for k in ("weak_aligned_model", "weak_base_model"))
+    want = reference_wspo_loss(policy(**kw).logits.double(), batch["labels"], ref=ref_logits, weak_aligned=al,
+                               weak_base=ba, gamma=0.3)
+    assert math.isclose(loss.item(), want.item(), rel_tol=1e-5)
+    assert_grads_close(zip([n for n, _ in named], grads), torch.autograd.grad(want, [p for _, p in named]))
+
+
+def test_refuses_soft_capped_heads(tmp_path):
+    policy = tiny(0)
+    policy.config.final_logit_softcapping = 30.0
+    with pytest.raises(NotImplementedError, match="soft-caps its logits"):
+        WSPOTrainer(policy, args(tmp_path))
+
+
+def test_missing_frozen_model_is_a_clear_error(tmp_path):
+    trainer = WSPOTrainer(tiny(0), args(tmp_path), weak_aligned_model=tiny(2), weak_base_model=tiny(3))
+    with pytest.raises(ValueError, match="needs the ref model or a precomputed 'ref_logps' column"):
+        trainer.compute_loss(trainer.model.train(), WSPODataCollator(0)(examples(2)))
+
+
+def test_precompute_round_trip_and_resume(tmp_path, monkeypatch):
+    ds = datasets.Dataset.from_list(examples(10))
+    frozen = frozen_models()
+    out_dir = tmp_path / "pre"
+    first = precompute_logps(ds, **frozen, batch_size=3, shard_size=4, output_dir=str(out_dir), progress=False)
+    loaded = datasets.load_from_disk(str(out_dir / "dataset"))
+    for c in LOGPS_COLUMNS.values():
+        assert loaded[c] == first[c]
+    # Values: the model's own log_softmax at the label, per position of labels[1:].
+    row = first[7]
+    ids = torch.tensor([row["input_ids"]])
+    logp = torch.log_softmax(frozen["ref_model"](input_ids=ids).logits[0, :-1].double(), -1)
+    labels = torch.tensor(row["labels"][1:])
+    want = torch.where(labels != -100, logp.gather(-1, labels.clamp_min(0)[:, None])[:, 0], torch.zeros(()))
+    torch.testing.assert_close(torch.tensor(row["ref_logps"], dtype=torch.float64), want, rtol=1e-5, atol=1e-5)
+    # Resume: only the missing shard is computed again.
+    shutil.rmtree(out_dir / "shards" / "00002")
+    calls = []
+    real = precompute_mod._shard_logps
+    monkeypatch.setattr(precompute_mod, "_shard_logps", lambda *a: calls.append(1) or real(*a))
+    second = precompute_logps(ds, **frozen, batch_size=3, shard_size=4, output_dir=str(out_dir), progress=False)
+    assert len(calls) == 1  # shard 2 holds 2 examples: one batch
+    for c in LOGPS_COLUMNS.values():
+        assert second[c] == first[c]
+
+
+def test_collator_drops_examples_without_response_tokens():
+    collate = WSPODataCollator(0, max_length=4)
+    rows = [build_example([5, 6, 7, 8, 9], [10, 11]), build_example([5], [10, 11])]
+    batch = collate(rows)
+    assert collate.dropped == 1 and batch["input_ids"].shape == (1, 3)
+    assert count_sequences(batch["labels"]) == 1
+
+
+def _ddp_worker(rank, world, path, rows):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29531")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from wspo_kernels import linear_wspo_loss
+    from wspo_kernels.train import lm_head_inputs
+    policy = torch.nn.parallel.DistributedDataParallel(tiny(0))
+    mine = WSPODataCollator(0)(rows[rank::world])
+    n_global = count_sequences(WSPODataCollator(0)(rows)["labels"])
+    hidden, weight, bias = lm_head_inputs(policy, mine["input_ids"], mine["attention_mask"])
+    loss = linear_wspo_loss(hidden, weight, mine["labels"], ref=mine["ref_logps"], weak_aligned=mine["weak_aligned_logps"],
+                            weak_base=mine["weak_base_logps"], normalizer=n_global / world)
+    loss.backward()
+    if rank == 0:
+        torch.save([p.grad for p in policy.module.parameters()], path)
+    dist.destroy_process_group()
+
+
+def test_data_parallel_gradients_equal_one_process(tmp_path):
+    """Two gloo ranks, each normalising by the global sequence count / world size: DDP's average = one big batch."""
+    rows = list(precompute_logps(datasets.Dataset.from_list(examples(6)), **frozen_models(), progress=False))
+    path = str(tmp_path / "grads.pt")
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, path, rows), nprocs=2)
+    policy = tiny(0)
+    trainer = WSPOTrainer(policy, args(tmp_path))
+    trainer.compute_loss(policy.train(), WSPODataCollator(0)(rows)).backward()
+    for got, want in zip(torch.load(path), [p.grad for p in policy.parameters()]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    from wspo_kernels.train import demo
+    result = demo.run(quick=True, out_dir=str(tmp_path / "demo"), log=lambda *_: None)
+    names = [r[0] for r in result["rows"]]
+    assert names == ["weak base", "weak aligned", "strong base", "strong after WSPO"]
+    assert all(math.isfinite(m) for _, m, _ in result["rows"])
+    assert os.path.exists(tmp_path / "demo" / "wspo_loss.png")
+    assert result["losses"][-1][1] < result["losses"][0][1]
+
+
+def _save_tiny_checkpoints(tmp_path):
+    """A word-level tokenizer and four tiny models saved to disk: what the CLI loads instead of Hub names."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 4)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>")
+    paths = {}
+    for name, seed in (("policy", 0), ("weak_aligned", 2), ("weak_base", 3)):
+        paths[name] = str(tmp_path / name)
+        tiny(seed).save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    data = tmp_path / "data.jsonl"
+    g = torch.Generator().manual_seed(0)
+    with open(data, "w") as f:
+        for i in range(12):
+            words_p = " ".join(f"w{int(j)}" for j in torch.randint(0, VOCAB - 4, (3,), generator=g))
+            words_r = " ".join(f"w{int(j)}" for j in torch.randint(0, VOCAB - 4, (1 + i % 4,), generator=g))
+            f.write(f'{{"prompt": "{words_p}", "response": "{words_r}"}}\n')
+    return paths, str(data)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_train_cli_on_local_checkpoints(tmp_path, lora):
+    pytest.importorskip("yaml")
+    from wspo_kernels.train import cli
+    paths, data = _save_tiny_checkpoints(tmp_path)
+    config = tmp_path / "wspo.yaml"
+    lines = [f"policy: {paths['policy']}", f"weak_aligned: {paths['weak_aligned']}",
+             f"weak_base: {paths['weak_base']}", f"dataset: {data}", f"output_dir: {tmp_path / 'run'}",
+             "gamma: 0.1", "learning_rate: 1.0e-3", "max_steps: 3", "per_device_train_batch_size: 4",
+             "gradient_accumulation_steps: 2", "cutoff_len: 6", "logging_steps: 1", "use_cpu: true"]
+    if lora:
+        lines.append("lora: {r: 4, alpha: 8, target_modules: [q_proj, v_proj]}")
+    config.write_text("\n".join(lines) + "\n")
+    trainer = cli.train_main(str(config))
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and all(math.isfinite(h["loss"]) for h in logged)
+    assert "wspo/implicit_reward" in logged[0]
+    assert os.path.exists(tmp_path / "run" / "precomputed" / "dataset")
+    assert os.listdir(tmp_path / "run" / "final")
