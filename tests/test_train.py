@@ -170,10 +170,19 @@ def test_collator_drops_examples_without_response_tokens():
     assert count_sequences(batch["labels"]) == 1
 
 
-def _ddp_worker(rank, world, path, rows):
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, path, rows, port):
+    import datetime
+
     import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29531")
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     from wspo_kernels import linear_wspo_loss
     from wspo_kernels.train import lm_head_inputs
     policy = torch.nn.parallel.DistributedDataParallel(tiny(0))
@@ -192,7 +201,7 @@ def test_data_parallel_gradients_equal_one_process(tmp_path):
     """Two gloo ranks, each normalising by the global sequence count / world size: DDP's average = one big batch."""
     rows = list(precompute_logps(datasets.Dataset.from_list(examples(6)), **frozen_models(), progress=False))
     path = str(tmp_path / "grads.pt")
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, path, rows), nprocs=2)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, path, rows, _free_port()), nprocs=2)
     policy = tiny(0)
     trainer = WSPOTrainer(policy, args(tmp_path))
     trainer.compute_loss(policy.train(), WSPODataCollator(0)(rows)).backward()

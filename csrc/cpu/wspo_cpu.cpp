@@ -21,6 +21,8 @@
 // wspo_kernels/backends/native.py loads the one matching the running CPU.
 #include <torch/extension.h>
 
+#include "../common.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -176,12 +178,7 @@ inline std::pair<float, float> row_stats(const Rows& r, int64_t i, int64_t y) {
 
 template <typename F>
 void dispatch_dtype(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat: return f(float{});
-    case at::kBFloat16: return f(at::BFloat16{});
-    case at::kHalf: return f(at::Half{});
-    default: TORCH_CHECK(false, "native CPU kernels take float32, bfloat16 or float16, got ", dtype);
-  }
+  wspo::dispatch_dtype(dtype, "native CPU kernels", std::forward<F>(f));
 }
 
 void check_rows(const Tensor& labels, std::initializer_list<Tensor> tensors) {
@@ -284,16 +281,28 @@ inline T* grad_ptr(const c10::optional<Tensor>& grad, const Tensor& policy) {
   return grad->data_ptr<T>();
 }
 
-std::tuple<Tensor, Tensor> wspo_rows(const Tensor& policy, const Tensor& labels, const Tensor& k, const Tensor& weight,
-                                     double gamma, int64_t ignore_index, c10::optional<Tensor> grad) {
-  check_rows(labels, {policy, k, weight});
+// Both WSPO kernels: with `frozen` (ref, aligned, base logits) the one-pass kernel reads the three
+// frozen rows and fills logps [4, N]; without, k = gamma * l^r + l^a - l^w is given and logps is [N].
+std::tuple<Tensor, Tensor> wspo(const Tensor& policy, const Tensor* frozen, const c10::optional<Tensor>& k,
+                                const Tensor& labels, const Tensor& weight, double gamma, int64_t ignore_index,
+                                const c10::optional<Tensor>& grad) {
+  check_rows(labels, {policy, weight});
   const Rows p = rows_of(policy, "policy");
+  Rows fr[3] = {p, p, p};
+  if (frozen != nullptr) {
+    check_rows(labels, {frozen[0], frozen[1], frozen[2]});
+    for (int m = 0; m < 3; ++m) {
+      TORCH_CHECK(frozen[m].scalar_type() == policy.scalar_type(), "the one-pass kernel needs one dtype for all four");
+      fr[m] = rows_of(frozen[m], "frozen logits");
+    }
+  }
   const int64_t n = labels.size(0);
-  Tensor kc = k.to(at::kFloat).contiguous(), wc = weight.to(at::kFloat).contiguous();
-  Tensor loss = per_row(policy, n), logp = per_row(policy, n);
+  Tensor wc = weight.to(at::kFloat).contiguous(), kc = k.has_value() ? k->to(at::kFloat).contiguous() : Tensor();
+  Tensor loss = per_row(policy, n), logps = at::empty({frozen ? 4 : 1, n}, policy.options().dtype(at::kFloat));
   const int64_t* y = labels.data_ptr<int64_t>();
-  const float *kp = kc.data_ptr<float>(), *wp = wc.data_ptr<float>();
-  float *lo = loss.data_ptr<float>(), *lp = logp.data_ptr<float>();
+  const float *wp = wc.data_ptr<float>(), *kp = k.has_value() ? kc.data_ptr<float>() : nullptr;
+  float *lo = loss.data_ptr<float>(), *l4 = logps.data_ptr<float>();
+  const int n_logps = frozen ? 4 : 1;
   const float g = static_cast<float>(gamma);
   dispatch_dtype(policy.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -301,54 +310,40 @@ std::tuple<Tensor, Tensor> wspo_rows(const Tensor& policy, const Tensor& labels,
     at::parallel_for(0, n, kRowsPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         if (y[i] == ignore_index) {
-          lo[i] = lp[i] = 0.f;
+          lo[i] = 0.f;
+          for (int m = 0; m < n_logps; ++m) l4[m * n + i] = 0.f;
           if (gr != nullptr) zero_row(gr + i * p.vocab, p.vocab);
           continue;
         }
-        policy_row<T>(p, gr, i, y[i], kp[i], wp[i], g, lo, lp);
+        float ki;
+        if (frozen != nullptr) {
+          float l[3];
+          for (int m = 0; m < 3; ++m) {
+            auto [lse, z] = row_stats<T>(fr[m], i, y[i]);
+            l[m] = z - lse;
+            l4[(m + 1) * n + i] = l[m];
+          }
+          ki = g * l[0] + l[1] - l[2];
+        } else {
+          ki = kp[i];
+        }
+        policy_row<T>(p, gr, i, y[i], ki, wp[i], g, lo, l4);
       }
     });
   });
-  return {loss, logp};
+  return {loss, frozen ? logps : logps[0]};
+}
+
+std::tuple<Tensor, Tensor> wspo_rows(const Tensor& policy, const Tensor& labels, const Tensor& k, const Tensor& weight,
+                                     double gamma, int64_t ignore_index, c10::optional<Tensor> grad) {
+  return wspo(policy, nullptr, k, labels, weight, gamma, ignore_index, grad);
 }
 
 std::tuple<Tensor, Tensor> wspo_four(const Tensor& policy, const Tensor& ref, const Tensor& aligned,
                                      const Tensor& base, const Tensor& labels, const Tensor& weight, double gamma,
                                      int64_t ignore_index, c10::optional<Tensor> grad) {
-  check_rows(labels, {policy, ref, aligned, base, weight});
-  for (const auto* t : {&ref, &aligned, &base})
-    TORCH_CHECK(t->scalar_type() == policy.scalar_type(), "the one-pass kernel needs all four logits in one dtype");
-  const Rows p = rows_of(policy, "policy"), rr = rows_of(ref, "ref"), ra = rows_of(aligned, "aligned"),
-             rb = rows_of(base, "base");
-  const int64_t n = labels.size(0);
-  Tensor wc = weight.to(at::kFloat).contiguous();
-  Tensor loss = per_row(policy, n), logps = at::empty({4, n}, policy.options().dtype(at::kFloat));
-  const int64_t* y = labels.data_ptr<int64_t>();
-  const float* wp = wc.data_ptr<float>();
-  float *lo = loss.data_ptr<float>(), *l4 = logps.data_ptr<float>();
-  float *lp = l4, *lr = l4 + n, *la = l4 + 2 * n, *lw = l4 + 3 * n;
-  const float g = static_cast<float>(gamma);
-  dispatch_dtype(policy.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    T* gr = grad_ptr<T>(grad, policy);
-    at::parallel_for(0, n, kRowsPerTask, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        if (y[i] == ignore_index) {
-          lo[i] = lp[i] = lr[i] = la[i] = lw[i] = 0.f;
-          if (gr != nullptr) zero_row(gr + i * p.vocab, p.vocab);
-          continue;
-        }
-        auto [lse_r, z_r] = row_stats<T>(rr, i, y[i]);
-        auto [lse_a, z_a] = row_stats<T>(ra, i, y[i]);
-        auto [lse_w, z_w] = row_stats<T>(rb, i, y[i]);
-        lr[i] = z_r - lse_r;
-        la[i] = z_a - lse_a;
-        lw[i] = z_w - lse_w;
-        policy_row<T>(p, gr, i, y[i], g * lr[i] + la[i] - lw[i], wp[i], g, lo, lp);
-      }
-    });
-  });
-  return {loss, logps};
+  const Tensor frozen[3] = {ref, aligned, base};
+  return wspo(policy, frozen, c10::nullopt, labels, weight, gamma, ignore_index, grad);
 }
 
 // grad[i, :] *= scale[i] in float32, in place: the backward of the WSPO kernels for per-row upstream grads.

@@ -15,6 +15,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include "../common.h"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -225,12 +227,7 @@ __global__ void scale_rows_kernel(T* grad, const float* scale, int64_t V) {
 // ------------------------------------------------------------------------------------------ launchers
 template <typename F>
 void dispatch_dtype(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat: return f(float{});
-    case at::kBFloat16: return f(at::BFloat16{});
-    case at::kHalf: return f(at::Half{});
-    default: TORCH_CHECK(false, "CUDA kernels take float32, bfloat16 or float16, got ", dtype);
-  }
+  wspo::dispatch_dtype(dtype, "CUDA kernels", std::forward<F>(f));
 }
 
 Rows rows_of(const Tensor& t, const char* name) {

@@ -10,7 +10,7 @@ over the best peer, the peak extra memory (CPU: VmHWM above the resident set aft
 warm-up step, in a fresh process; GPU: max_memory_allocated above the same point), and the fraction
 of the physical limit reached: bytes / measured copy bandwidth for logits (the WSPO floor is four
 reads and one gradient write), FLOPs / measured bare-GEMM rate for the linear form (policy: three
-GEMMs, each frozen model: one).  Writes JSON (with machine info), a Markdown table and PNG plots.
+GEMMs, each frozen model: one), and for logits the elements read per second (G elem/s).  Writes JSON (with machine info), a Markdown table and PNG plots.
 """
 import argparse
 import json
@@ -212,6 +212,8 @@ def run(cases, impl_names, device, repeat, log=print):
                 if out.returncode == 0:
                     row = json.loads(out.stdout.strip().splitlines()[-1])
                     row["limit_fraction"] = floor_seconds(c, impl, info) / row["median_s"]
+                    if c["kind"] != "linear":  # logits elements read per second (four models, or one)
+                        row["gelem_per_s"] = (1 if c["kind"] == "logps" else 4) * c["n"] * c["v"] / row["median_s"] / 1e9
                     rows.append(row)
                     log(f"{row['case']:<28} {impl:<26} {row['median_s']:.4f} s  {row['peak_extra_mib']:.0f} MiB")
                     continue
@@ -242,16 +244,17 @@ def markdown(info, rows):
     head = [f"{where}; torch {info['torch']}, triton {info['triton']}, commit {info['commit']}; copy bandwidth "
             f"{info['copy_gbps']:.1f} GB/s; bare logits GEMM " + ", ".join(
                 f"{k} {v:.0f} GFLOP/s" for k, v in info["gemm_gflops"].items()), "",
-            "| case | impl | median s (min-max) | vs official | vs best peer | peak extra MiB | % of limit |",
-            "|---|---|---|---|---|---|---|"]
+            "| case | impl | median s (min-max) | vs official | vs best peer | peak extra MiB | % of limit | G elem/s |",
+            "|---|---|---|---|---|---|---|---|"]
     fmt = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
     for r in rows:
         if "skipped" in r:
-            head.append(f"| {r['case']} | {r['impl']} | skipped: {r['skipped']} | | | | |")
+            head.append(f"| {r['case']} | {r['impl']} | skipped: {r['skipped']} | | | | | |")
         else:
             head.append(f"| {r['case']} | {r['impl']} | {r['median_s']:.4f} ({r['min_s']:.4f}-{r['max_s']:.4f}) | "
                         f"{fmt(r['vs_official'])} | {fmt(r['vs_best_peer'])} | {r['peak_extra_mib']:.0f} | "
-                        f"{100 * r['limit_fraction']:.0f}% |")
+                        f"{100 * r['limit_fraction']:.0f}% | "
+                        + (f"{r['gelem_per_s']:.2f} |" if "gelem_per_s" in r else "- |"))
     return "\n".join(head)
 
 
