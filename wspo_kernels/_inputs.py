@@ -95,6 +95,11 @@ class Layout(NamedTuple):
         return self.labels.shape[0]
 
     @property
+    def grid(self):
+        """Leading shape every per-token input (logits, hidden states) must have."""
+        return (self.num_seqs, self.seq_len) if self.seq_len is not None else (self.num_rows,)
+
+    @property
     def token_shape(self):
         """Shape of per-token outputs, exactly as token_logprobs returns them."""
         if self.seq_len is not None:
@@ -181,7 +186,7 @@ def rows_of(logits: torch.Tensor, layout: Layout, name: str) -> torch.Tensor:
     """Check ``logits`` against the label grid and view it as ``[N, V]`` rows (unit stride in V)."""
     check_float(logits, name)
     check_same_device(layout.labels, **{name: logits})
-    grid = (layout.num_seqs, layout.seq_len) if layout.seq_len is not None else (layout.num_rows,)
+    grid = layout.grid
     if logits.dim() != len(grid) + 1 or tuple(logits.shape[:-1]) != grid:
         raise ValueError(f"{name} must have shape {grid + ('V',)} to match labels, got {tuple(logits.shape)}")
     if logits.shape[-1] == 0:

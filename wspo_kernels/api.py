@@ -39,7 +39,7 @@ def _linear_rows(hidden, weight, bias, layout, name):
     if bias is not None:
         check_float(bias, f"{name} bias")
     check_same_device(layout.labels, **{f"{name} hidden": hidden, f"{name} weight": weight, f"{name} bias": bias})
-    grid = (layout.num_seqs, layout.seq_len) if layout.seq_len is not None else (layout.num_rows,)
+    grid = layout.grid
     if hidden.dim() != len(grid) + 1 or tuple(hidden.shape[:-1]) != grid:
         raise ValueError(f"{name} hidden must have shape {grid + ('H',)} to match labels, got {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
@@ -65,9 +65,8 @@ def _frozen(x, layout, name, backend):
     if x.dim() == len(layout.token_shape) + 1:
         return "logits", rows_of(x, layout, name)
     if tuple(x.shape) != tuple(layout.token_shape):
-        grid = (layout.num_seqs, layout.seq_len) if layout.seq_len is not None else (layout.num_rows,)
         raise ValueError(
-            f"{name} must be logits of shape {grid + ('V',)} or per-token logps of shape "
+            f"{name} must be logits of shape {layout.grid + ('V',)} or per-token logps of shape "
             f"{tuple(layout.token_shape)} (as token_logprobs returns them with shift={layout.shift}); "
             f"got {tuple(x.shape)}")
     return "logps", layout.from_user(x, name)

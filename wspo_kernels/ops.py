@@ -6,14 +6,16 @@ and runs that backend's row kernels.  Autograd:
 
 - ``logprobs`` / ``linear_logprobs`` save the per-row lse and recompute in their backward ops;
 - ``wspo_rows`` / ``wspo_four`` return the policy gradient computed in the forward pass
-  (gradient of sum_t loss_t); their backward scales row t by the incoming dL/dloss_t, in place;
+  (gradient of sum_t loss_t); their backward scales row t by the incoming dL/dloss_t in place
+  (``scale_rows_``, a mutating op) and hands the buffer to autograd without a copy;
+- ``GradOverPolicy`` is the eager-only variant that writes that gradient over the policy logits;
 - ``linear_wspo`` returns dh, dW, db of the summed loss; its backward scales them by the scalar.
+  ``_linear_impl`` picks the logits-free kernels of a backend (Triton) or the chunked driver.
 
 Frozen-model ops (``weak_log_ratio``) have no autograd: the public wrappers detach their inputs.
 """
-from typing import Optional, Tuple
-
 import os
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor

@@ -35,15 +35,15 @@ struct MS {  // running max and sum of exp(x - max)
 __device__ __forceinline__ MS merge(MS a, MS b) {
   const float m = fmaxf(a.m, b.m);
   if (m == kNegInf) return {kNegInf, 0.f};
-  return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
+  return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
 }
 
 __device__ __forceinline__ void push(MS& r, float x) {
   if (x > r.m) {
-    r.s = (r.m == kNegInf ? 0.f : r.s * __expf(r.m - x)) + 1.f;
+    r.s = (r.m == kNegInf ? 0.f : r.s * expf(r.m - x)) + 1.f;
     r.m = x;
   } else if (x != kNegInf) {
-    r.s += __expf(x - r.m);
+    r.s += expf(x - r.m);
   }
 }
 
@@ -94,7 +94,7 @@ __device__ float row_lse(const T* __restrict__ x, int64_t V) {
   }
   for (int64_t i = start + threadIdx.x; i < V; i += kThreads) push(r, to_f(x[i]));
   r = block_merge(r);
-  return r.m == kNegInf ? kNegInf : r.m + __logf(r.s);
+  return r.m == kNegInf ? kNegInf : r.m + logf(r.s);
 }
 
 // out = coef * (onehot(y) - exp(x - lse)); out may alias x.
@@ -109,14 +109,14 @@ __device__ void row_grad(const T* x, T* out, int64_t V, float lse, float coef, i
     for (int64_t i = threadIdx.x; i < n_packs; i += kThreads) {
       Pack p = reinterpret_cast<const Pack*>(x)[i];
 #pragma unroll
-      for (int j = 0; j < P; ++j) p.v[j] = static_cast<T>(-coef * __expf(to_f(p.v[j]) - lse));
+      for (int j = 0; j < P; ++j) p.v[j] = static_cast<T>(-coef * expf(to_f(p.v[j]) - lse));
       reinterpret_cast<Pack*>(out)[i] = p;
     }
     start = n_packs * P;
   }
-  for (int64_t i = start + threadIdx.x; i < V; i += kThreads) out[i] = static_cast<T>(-coef * __expf(to_f(x[i]) - lse));
+  for (int64_t i = start + threadIdx.x; i < V; i += kThreads) out[i] = static_cast<T>(-coef * expf(to_f(x[i]) - lse));
   __syncthreads();  // every thread's writes land before the label entry is fixed
-  if (threadIdx.x == 0) out[y] = static_cast<T>(coef * (1.f - __expf(z_y - lse)));
+  if (threadIdx.x == 0) out[y] = static_cast<T>(coef * (1.f - expf(z_y - lse)));
 }
 
 template <typename T>

@@ -54,12 +54,13 @@ def case_name(c):
     return f"{c['kind']}:{dims}:{c['dtype']}"
 
 
-def input_bytes(c):
-    """Rough resident size of a case's inputs and the official implementation's temporaries."""
+def input_bytes(c, impl="official"):
+    """Rough resident size of a case's inputs plus an implementation's temporaries (fp32 logits for peers)."""
     elem = DTYPES[c["dtype"]].itemsize
+    temps = (1 * elem if impl.startswith("ours-") else 3 * 4) * c["n"] * c["v"]
     if c["kind"] == "linear":
-        return 4 * c["v"] * c["h"] * elem + 4 * c["n"] * c["h"] * elem + 3 * c["n"] * c["v"] * 4
-    return 4 * c["n"] * c["v"] * elem + 3 * c["n"] * c["v"] * 4
+        return 4 * c["v"] * c["h"] * elem + 4 * c["n"] * c["h"] * elem + temps
+    return 4 * c["n"] * c["v"] * elem + temps
 
 
 def make_inputs(c, device):
@@ -203,7 +204,7 @@ def run(cases, impl_names, device, repeat, log=print):
             if impl not in impls.IMPLS[c["kind"]]:
                 continue
             reason = impls.available(impl, device, DTYPES[c["dtype"]])
-            if reason is None and input_bytes(c) > 0.6 * mem_limit:
+            if reason is None and input_bytes(c, impl) > 0.6 * mem_limit:
                 reason = "does not fit in memory"
             if reason is None:
                 cmd = [sys.executable, "-m", "wspo_kernels.bench.runner", "--child", json.dumps(c), impl,
