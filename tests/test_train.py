@@ -194,6 +194,10 @@ def _ddp_worker(rank, world, path, rows, port):
     loss.backward()
     if rank == 0:
         torch.save([p.grad for p in policy.module.parameters()], path)
+    # Tear down in order: the DDP reducer before its process group (a reducer destroyed after the
+    # group, at frame exit, can hang).
+    del loss, hidden, weight, bias, policy
+    dist.barrier()
     dist.destroy_process_group()
 
 
