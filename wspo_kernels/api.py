@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from . import ops
-from ._inputs import (check_float, check_gamma, check_normalizer, check_reduction, check_same_device,
+from ._inputs import (acc_dtype, check_float, check_gamma, check_normalizer, check_reduction, check_same_device,
                       make_layout, rows_of)
 from .dispatch import check_choice
 
@@ -171,7 +171,7 @@ def wspo_loss(policy_logits, labels, *, ref, weak_aligned, weak_base, gamma=0.1,
                                          backend)
     policy = rows_of(policy_logits, layout, "policy_logits")
     backend = backend or ""
-    acc = torch.float64 if policy.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(policy)
     w_t = layout.token_weights(reduction, normalizer, acc)
     compute_grad = torch.is_grad_enabled() and policy_logits.requires_grad
     r, a, w = _frozen_all(ref, weak_aligned, weak_base, layout, backend)
@@ -214,7 +214,7 @@ def linear_wspo_loss(policy_hidden, lm_head_weight, labels, *, ref, weak_aligned
                                          backend)
     h = _linear_rows(policy_hidden, lm_head_weight, bias, layout, "policy")
     backend = backend or ""
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(h)
     w_t = layout.token_weights(reduction, normalizer, acc)
     r, a, w = _frozen_all(ref, weak_aligned, weak_base, layout, backend)
     lr, delta_w = _frozen_terms_from(r, a, w, layout, backend)

@@ -11,11 +11,9 @@ only the per-row lse and recomputes each chunk's logits in its backward.
 """
 import torch
 
+from ._inputs import acc_dtype as _acc
+
 LINEAR_CHUNK_ELEMS = 1 << 22   # fp32 logits per chunk (16 MB)
-
-
-def _acc(h: torch.Tensor) -> torch.dtype:
-    return torch.float64 if h.dtype == torch.float64 else torch.float32
 
 
 def _chunks(n_rows: int, vocab: int):

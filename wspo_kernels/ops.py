@@ -21,14 +21,10 @@ import torch
 from torch import Tensor
 
 from . import chunked_linear
-from ._inputs import check_labels_range
+from ._inputs import acc_dtype as _acc, check_labels_range
 from .dispatch import select_backend
 
 _LIB = "wspo_kernels"
-
-
-def _acc(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _rows_backend(backend: str, x: Tensor):

@@ -34,6 +34,8 @@ in-place gradient), or None when no gradient is needed.
 """
 import torch
 
+from .._inputs import acc_dtype as _acc_dtype
+
 NAME = "torch"
 ROW_BLOCK = 128        # rows per step: bounds the fp32 temporaries to ROW_BLOCK * VOCAB_BLOCK elements
 VOCAB_BLOCK = 8192     # columns per step of the online log-sum-exp
@@ -42,10 +44,6 @@ VOCAB_BLOCK = 8192     # columns per step of the online log-sum-exp
 def unavailable_reason(device: torch.device, dtype: torch.dtype):
     """None: this backend runs everywhere PyTorch does."""
     return None
-
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _row_blocks(n_rows: int):

@@ -108,21 +108,22 @@ class WSPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ metrics
     def _record(self, out, split):
-        m, store = out.mask, self._metrics[split]
-        store["tokens"] += float(m.sum())
-        store["delta_strong"] += float(out.strong_log_ratio[m].sum())
-        store["delta_weak"] += float(out.weak_log_ratio[m].sum())
-        store["policy_logps"] += float(out.policy_logps[m].sum())
+        """Running sums on the device (no host sync per step); read once per log()."""
+        store = self._metrics[split]
+        store["tokens"] += out.mask.sum()
+        store["delta_strong"] += out.strong_log_ratio.sum()   # the metrics are 0 on ignored tokens
+        store["delta_weak"] += out.weak_log_ratio.sum()
+        store["policy_logps"] += out.policy_logps.sum()
 
     def log(self, logs, *args, **kwargs):
         split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        store = self._metrics[split]
-        if store["tokens"] > 0:
+        store = {k: float(v) for k, v in self._metrics[split].items()}
+        self._metrics[split].clear()
+        if store.get("tokens", 0) > 0:
             prefix = "eval_" if split == "eval" else ""
             n = store["tokens"]
             logs[f"{prefix}wspo/delta_strong"] = store["delta_strong"] / n
             logs[f"{prefix}wspo/delta_weak"] = store["delta_weak"] / n
             logs[f"{prefix}wspo/implicit_reward"] = self.gamma * store["delta_strong"] / n
             logs[f"{prefix}wspo/policy_logps"] = store["policy_logps"] / n
-        store.clear()
         return super().log(logs, *args, **kwargs)
