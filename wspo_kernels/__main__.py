@@ -14,27 +14,8 @@ import time
 import torch
 
 import wspo_kernels as wk
+from wspo_kernels._memory import peak_extra_mib, start_window
 from wspo_kernels.dispatch import _AUTO_ORDER, _module, select_backend
-
-
-def _rss_mb(field):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-def _reset_peak():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _naive(policy, labels, frozen, gamma):
@@ -53,8 +34,7 @@ def _measure(fn, params, repeat):
     fn()  # warm-up (also loads code lazily)
     for p in params:
         p.grad = None
-    base = _rss_mb("VmRSS")
-    has_peak = _reset_peak()
+    base = start_window()
     times = []
     for _ in range(repeat):
         for p in params:
@@ -62,7 +42,7 @@ def _measure(fn, params, repeat):
         t0 = time.perf_counter()
         loss = fn()
         times.append(time.perf_counter() - t0)
-    peak = _rss_mb("VmHWM") - base if has_peak else float("nan")
+    peak = peak_extra_mib(base)
     return loss, statistics.median(times), peak
 
 

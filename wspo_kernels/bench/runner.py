@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from .._memory import peak_extra_mib, start_window
 from . import impls
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -85,14 +86,6 @@ def make_inputs(c, device):
 
 
 # ---------------------------------------------------------------------------------------------- one case
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -119,13 +112,12 @@ def run_case(c, impl, device, repeat):
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        base = _status_kb("VmRSS") * 1024
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current resident set
+        base = start_window()
     times = [one() for _ in range(repeat)]
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_kb("VmHWM") * 1024
+    peak = ((torch.cuda.max_memory_allocated() - base) / 2 ** 20 if device.type == "cuda"
+            else peak_extra_mib(base))
     return dict(case=case_name(c), impl=impl, median_s=statistics.median(times), min_s=min(times), max_s=max(times),
-                peak_extra_mib=(peak - base) / 2 ** 20)
+                peak_extra_mib=peak)
 
 
 # ---------------------------------------------------------------------------------------------- machine

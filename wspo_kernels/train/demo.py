@@ -24,6 +24,8 @@ import time
 
 import torch
 
+from .._memory import peak_extra_mib, start_window
+
 SPECIAL = {"pad": 0, "bos": 1, "eos": 2, "sep": 3}
 N_SYMBOLS = 12
 VOCAB = len(SPECIAL) + N_SYMBOLS
@@ -85,17 +87,9 @@ def _margins(model, pairs_sorted, pairs_shuffled):
 
 def _peak_step_mib(step):
     """Peak resident memory (MiB) of one call above the resident set before it (Linux; else nan)."""
-    try:
-        with open("/proc/self/status") as f:
-            base = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        step()
-        with open("/proc/self/status") as f:
-            return (next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) - base) / 1024
-    except OSError:
-        step()
-        return float("nan")
+    base = start_window()
+    step()
+    return peak_extra_mib(base)
 
 
 def run(*, quick=False, gamma=0.25, out_dir="wspo_demo", seed=0, log=print):
