@@ -94,3 +94,11 @@ def test_module_rejects_bad_options_at_construction():
         wk.WSPOLoss(reduction="median")
     with pytest.raises(ValueError, match="gamma must be finite"):
         wk.LinearWSPOLoss(gamma=float("nan"))
+
+
+def test_label_check_cannot_be_switched_off_on_cpu(monkeypatch):
+    """The opt-out only drops the GPU host sync; CPU tensors are always checked."""
+    monkeypatch.setenv("WSPO_KERNELS_CHECK_LABELS", "0")
+    logits, labels = _batch()
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 11\)"):
+        _loss(logits[0], labels.fill_(11), logits[1:])
