@@ -37,9 +37,9 @@ def test_step(benchmark, case, impl):
 def test_loss_agrees_with_official():
     """The benchmarked implementations compute the same loss (a benchmark of a wrong answer is worthless)."""
     x = runner.make_inputs(runner.parse_case("logits:1024x1000:fp32"), torch.device("cpu"))
-    lab, mask = impls._shifted(x["labels"])
-    lp = [impls._official_logps(z, lab) for z in (x["policy"], *x["frozen"])]
-    official = impls._wspo_from_logps(*lp, mask)
+    lab, mask = impls.shifted(x["labels"])
+    lp = [impls.official_token_logps(z, lab) for z in (x["policy"], *x["frozen"])]
+    official = impls.official_reduction(*lp, mask)
     ours = wk.wspo_loss(x["policy"], x["labels"], ref=x["frozen"][0], weak_aligned=x["frozen"][1],
                         weak_base=x["frozen"][2], gamma=impls.GAMMA)
     torch.testing.assert_close(ours, official, rtol=1e-5, atol=0)

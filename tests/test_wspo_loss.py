@@ -142,9 +142,8 @@ def test_non_contiguous_inputs():
     logits, labels, shift = _inputs("V1000-mixed-vocab", torch.float32)
     # Transposed storage: same values, no unit stride along the vocabulary.
     strided = [x.transpose(0, 2).contiguous().transpose(0, 2) for x in logits]
-    policy = strided[0].clone().requires_grad_() if False else strided[0].requires_grad_()
-    loss = wk.wspo_loss(policy, labels[:, :], ref=strided[1], weak_aligned=strided[2][:, :, :],
-                        weak_base=strided[3])
+    policy = strided[0].requires_grad_()
+    loss = wk.wspo_loss(policy, labels, ref=strided[1], weak_aligned=strided[2], weak_base=strided[3])
     ref_loss, ref_policy = _reference(logits, labels, shift, "mean")
     check_loss(loss, ref_loss, torch.float32)
     loss.backward()

@@ -15,17 +15,15 @@ import torch
 
 import wspo_kernels as wk
 from wspo_kernels._memory import peak_extra_mib, start_window
+from wspo_kernels.bench import impls
 from wspo_kernels.dispatch import _AUTO_ORDER, _module, select_backend
 
 
 def _naive(policy, labels, frozen, gamma):
     """The official formulation: fp32 upcast and a full log_softmax of all four logits."""
-    lab = labels[:, 1:]
-    mask = lab != -100
-    idx = lab.masked_fill(~mask, 0).unsqueeze(-1)
-    lp = [torch.gather(z[:, :-1].float().log_softmax(-1), 2, idx).squeeze(-1) for z in (policy, *frozen)]
-    d = gamma * (lp[0] - lp[1]) - (lp[2] - lp[3])
-    return ((d * d * mask).sum(-1) / mask.sum(-1)).mean()
+    lab, mask = impls.shifted(labels)
+    lp = [impls.official_token_logps(z, lab) for z in (policy, *frozen)]
+    return impls.official_reduction(*lp, mask, gamma=gamma)
 
 
 def _measure(fn, params, repeat):

@@ -79,17 +79,23 @@ def check_normalizer(normalizer, reduction: str):
 LABEL_CHECK_ENV_VAR = "WSPO_KERNELS_CHECK_LABELS"
 
 
-def check_labels_range(labels: torch.Tensor, vocab: int, ignore_index: int, name: str) -> None:
-    """Labels must be ignore_index or in [0, vocab).  Data-dependent: one host sync on a GPU, where
-    ``WSPO_KERNELS_CHECK_LABELS=0`` skips it for labels known to be valid (CPU tensors are always checked)."""
+def check_labels_range(labels: torch.Tensor, ignore_index: int, **vocabs: int) -> None:
+    """Labels must be ignore_index or in [0, V) for every model named in ``vocabs`` (name=V).
+
+    Data-dependent: one host sync on a GPU however many models are checked (the smallest vocabulary
+    decides), and ``WSPO_KERNELS_CHECK_LABELS=0`` skips it there for labels known to be valid (CPU
+    tensors are always checked).
+    """
     if labels.device.type != "cpu" and os.environ.get(LABEL_CHECK_ENV_VAR, "1") == "0":
         return
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    smallest = min(vocabs.values())
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= smallest))
     if bool(bad.any()):
-        first = labels[bad][0]
+        first = int(labels[bad][0])
+        name, vocab = min(((n, v) for n, v in vocabs.items() if not 0 <= first < v), key=lambda nv: nv[1])
         raise ValueError(
             f"labels must be in [0, {vocab}) for {name} (vocab size {vocab}) or equal ignore_index="
-            f"{ignore_index}; found {int(first)}")
+            f"{ignore_index}; found {first}")
 
 
 class Layout(NamedTuple):

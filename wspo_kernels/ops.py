@@ -54,7 +54,7 @@ def _linear_impl(rows):
 # ----------------------------------------------------------------------------- logprobs
 @torch.library.custom_op(f"{_LIB}::logprobs", mutates_args=())
 def logprobs(logits: Tensor, labels: Tensor, ignore_index: int, backend: str) -> Tuple[Tensor, Tensor]:
-    check_labels_range(labels, logits.shape[1], ignore_index, "logits")
+    check_labels_range(labels, ignore_index, logits=logits.shape[1])
     return _rows_backend(backend, logits).logprobs(logits, labels, ignore_index)
 
 
@@ -94,8 +94,7 @@ logprobs.register_autograd(_logprobs_bwd, setup_context=_logprobs_setup)
 # ----------------------------------------------------------------------------- weak log-ratio
 @torch.library.custom_op(f"{_LIB}::weak_log_ratio", mutates_args=())
 def weak_log_ratio(aligned: Tensor, base: Tensor, labels: Tensor, ignore_index: int, backend: str) -> Tensor:
-    check_labels_range(labels, aligned.shape[1], ignore_index, "weak_aligned")
-    check_labels_range(labels, base.shape[1], ignore_index, "weak_base")
+    check_labels_range(labels, ignore_index, weak_aligned=aligned.shape[1], weak_base=base.shape[1])
     return _rows_backend(backend, aligned).weak_log_ratio(aligned, base, labels, ignore_index)
 
 
@@ -120,7 +119,7 @@ def wspo_rows(policy: Tensor, labels: Tensor, k: Tensor, weight: Tensor, gamma: 
 
 def run_wspo_rows(policy, labels, k, weight, gamma, ignore_index, grad, backend):
     """Check labels, pick the backend, run its wspo_rows kernel (gradient into ``grad`` if given)."""
-    check_labels_range(labels, policy.shape[1], ignore_index, "policy_logits")
+    check_labels_range(labels, ignore_index, policy_logits=policy.shape[1])
     return _rows_backend(backend, policy).wspo_rows(policy, labels, k, weight, gamma, ignore_index, grad)
 
 
@@ -142,8 +141,8 @@ def wspo_four(policy: Tensor, ref: Tensor, aligned: Tensor, base: Tensor, labels
 
 def run_wspo_four(policy, ref, aligned, base, labels, weight, gamma, ignore_index, grad, backend):
     """Check labels against all four vocabularies, run the backend's one-pass kernel."""
-    for name, x in (("policy_logits", policy), ("ref", ref), ("weak_aligned", aligned), ("weak_base", base)):
-        check_labels_range(labels, x.shape[1], ignore_index, name)
+    check_labels_range(labels, ignore_index, policy_logits=policy.shape[1], ref=ref.shape[1],
+                       weak_aligned=aligned.shape[1], weak_base=base.shape[1])
     return _rows_backend(backend, policy).wspo_four(policy, ref, aligned, base, labels, weight, gamma, ignore_index,
                                                     grad)
 
@@ -240,7 +239,7 @@ class GradOverPolicy(torch.autograd.Function):
 @torch.library.custom_op(f"{_LIB}::linear_logprobs", mutates_args=())
 def linear_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, ignore_index: int,
                     backend: str) -> Tuple[Tensor, Tensor]:
-    check_labels_range(labels, weight.shape[0], ignore_index, "lm_head weight")
+    check_labels_range(labels, ignore_index, lm_head_weight=weight.shape[0])
     rows = _rows_backend(backend, hidden)
     return _linear_impl(rows).linear_logprobs(rows, hidden, weight, bias, labels, ignore_index)
 
@@ -293,7 +292,7 @@ linear_logprobs.register_autograd(_linear_logprobs_bwd, setup_context=_linear_lo
 def linear_wspo(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, k: Tensor,
                 token_weight: Tensor, gamma: float, ignore_index: int, grad_hidden: bool, grad_weight: bool,
                 backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    check_labels_range(labels, weight.shape[0], ignore_index, "lm_head weight")
+    check_labels_range(labels, ignore_index, lm_head_weight=weight.shape[0])
     rows = _rows_backend(backend, hidden)
     return _linear_impl(rows).linear_wspo(rows, hidden, weight, bias, labels, k, token_weight, gamma, ignore_index,
                                           grad_hidden, grad_weight)

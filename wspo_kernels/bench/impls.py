@@ -16,19 +16,19 @@ GAMMA = 0.1
 IGNORE = -100
 
 
-def _wspo_from_logps(lp, lr, la, lw, mask):
+def official_reduction(lp, lr, la, lw, mask, gamma=GAMMA):
     """The official reduction: per-sequence mean of d^2 over response tokens, mean over sequences."""
-    d = GAMMA * (lp - lr) - (la - lw)
+    d = gamma * (lp - lr) - (la - lw)
     return ((d * d * mask).sum(-1) / mask.sum(-1)).mean()
 
 
-def _shifted(labels):
+def shifted(labels):
     lab = labels[:, 1:]
     mask = lab != IGNORE
     return lab.masked_fill(~mask, 0), mask
 
 
-def _official_logps(z, lab):
+def official_token_logps(z, lab):
     """The official code's per-token logps: fp32 upcast, full log_softmax, gather."""
     return torch.gather(z[:, :-1].float().log_softmax(-1), 2, lab.unsqueeze(-1)).squeeze(-1)
 
@@ -45,17 +45,17 @@ def _selective_log_softmax(logits, index):
 def _four_logps(logps_of, policy, frozen, lab, mask):
     with torch.no_grad():
         lr, la, lw = (logps_of(z) for z in frozen)
-    _wspo_from_logps(logps_of(policy), lr, la, lw, mask).backward()
+    official_reduction(logps_of(policy), lr, la, lw, mask).backward()
 
 
 # ------------------------------------------------------------------------------------------ logits
 def official_logits(x):
-    lab, mask = _shifted(x["labels"])
-    return lambda: _four_logps(lambda z: _official_logps(z, lab), x["policy"], x["frozen"], lab, mask)
+    lab, mask = shifted(x["labels"])
+    return lambda: _four_logps(lambda z: official_token_logps(z, lab), x["policy"], x["frozen"], lab, mask)
 
 
 def trl_logits(x):
-    lab, mask = _shifted(x["labels"])
+    lab, mask = shifted(x["labels"])
     return lambda: _four_logps(lambda z: _selective_log_softmax(z[:, :-1], lab), x["policy"], x["frozen"], lab, mask)
 
 
@@ -76,18 +76,18 @@ def ours_logits(backend, *, inplace_grad=False, precomputed=False):
 
 # ------------------------------------------------------------------------------------------ linear
 def official_linear(x):
-    lab, mask = _shifted(x["labels"])
+    lab, mask = shifted(x["labels"])
 
     def step():
         with torch.no_grad():
-            lr, la, lw = (_official_logps(h @ w.t(), lab) for h, w in zip(x["hidden"][1:], x["weights"][1:]))
-        _wspo_from_logps(_official_logps(x["hidden"][0] @ x["weights"][0].t(), lab), lr, la, lw, mask).backward()
+            lr, la, lw = (official_token_logps(h @ w.t(), lab) for h, w in zip(x["hidden"][1:], x["weights"][1:]))
+        official_reduction(official_token_logps(x["hidden"][0] @ x["weights"][0].t(), lab), lr, la, lw, mask).backward()
     return step
 
 
 def hand_chunked_linear(x, chunk=1024):
     """What a careful user writes: rows in chunks, each chunk's logits under activation checkpointing."""
-    lab, mask = _shifted(x["labels"])
+    lab, mask = shifted(x["labels"])
     B, T, H = x["hidden"][0].shape
 
     def chunk_logps(h, w, y):
@@ -104,7 +104,7 @@ def hand_chunked_linear(x, chunk=1024):
     def step():
         with torch.no_grad():
             lr, la, lw = (logps(h, w, False) for h, w in zip(x["hidden"][1:], x["weights"][1:]))
-        _wspo_from_logps(logps(x["hidden"][0], x["weights"][0], True), lr, la, lw, mask).backward()
+        official_reduction(logps(x["hidden"][0], x["weights"][0], True), lr, la, lw, mask).backward()
     return step
 
 
@@ -112,7 +112,7 @@ def cce_linear(x):
     """Cut Cross-Entropy per model (reduction='none' gives -logp): torch_compile on CPU, its kernel on GPU."""
     from cut_cross_entropy import linear_cross_entropy
     impl = "cce" if x["hidden"][0].is_cuda else "torch_compile"
-    _, mask = _shifted(x["labels"])
+    _, mask = shifted(x["labels"])
 
     def logps(h, w):
         return -linear_cross_entropy(h, w, x["labels"], reduction="none", shift=1, impl=impl)
@@ -120,14 +120,14 @@ def cce_linear(x):
     def step():
         with torch.no_grad():
             lr, la, lw = (logps(h, w) for h, w in zip(x["hidden"][1:], x["weights"][1:]))
-        _wspo_from_logps(logps(x["hidden"][0], x["weights"][0]), lr, la, lw, mask).backward()
+        official_reduction(logps(x["hidden"][0], x["weights"][0]), lr, la, lw, mask).backward()
     return step
 
 
 def liger_linear(x):
     """Liger's fused linear cross-entropy per model, reduction='none' (GPU only)."""
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    lab, mask = _shifted(x["labels"])
+    lab, mask = shifted(x["labels"])
     ce = LigerFusedLinearCrossEntropyLoss(reduction="none")
     B, T, H = x["hidden"][0].shape
     flat_y = x["labels"][:, 1:].reshape(-1)
@@ -138,7 +138,7 @@ def liger_linear(x):
     def step():
         with torch.no_grad():
             lr, la, lw = (logps(h, w) for h, w in zip(x["hidden"][1:], x["weights"][1:]))
-        _wspo_from_logps(logps(x["hidden"][0], x["weights"][0]), lr, la, lw, mask).backward()
+        official_reduction(logps(x["hidden"][0], x["weights"][0]), lr, la, lw, mask).backward()
     return step
 
 
@@ -158,12 +158,12 @@ def ours_linear(backend, *, precomputed=False):
 
 # ------------------------------------------------------------------------------------------ logps (forward only)
 def official_logps(x):
-    lab, _ = _shifted(x["labels"])
-    return lambda: _official_logps(x["frozen"][0], lab)
+    lab, _ = shifted(x["labels"])
+    return lambda: official_token_logps(x["frozen"][0], lab)
 
 
 def trl_logps(x):
-    lab, _ = _shifted(x["labels"])
+    lab, _ = shifted(x["labels"])
     return lambda: _selective_log_softmax(x["frozen"][0][:, :-1], lab)
 
 
