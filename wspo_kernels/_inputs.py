@@ -6,8 +6,16 @@ a ``[N, V]`` view of the logits and ``[N]`` labels that are already shifted.  Sh
 copies logits: the label of row t becomes ``labels[t + 1]`` and the last row of every sequence is
 ignored, so ``logits[:, :-1]`` (a non-viewable slice) is never materialised.
 
+Layout rules (what kernels read in place, what is copied): logits are passed to the kernels as they
+lie whenever their vocabulary has unit stride -- an ``[N, V]`` view when the rows have one stride
+(vocab-sliced ``buf[..., :V]``, expanded ``[1, V] -> [N, V]``), else the ``[B, T, V]`` tensor itself,
+whose rows the kernels address as (b, t) (transposed ``[T, B, V] -> [B, T, V]``, expanded batch).
+Only logits with a strided vocabulary are copied.  An in-place gradient is written over the logits
+when no two of their elements share memory (``writable_in_place``), into a fresh buffer otherwise.
+
 Every check here looks only at shapes, dtypes and devices, so it traces under torch.compile; the
-one data-dependent check (labels inside ``[0, V)``) runs inside the ops, before any kernel.
+data-dependent checks (labels inside ``[0, V)``, a tensor ``normalizer`` > 0) raise before any kernel
+on the CPU and are asynchronous device asserts on a GPU (no host synchronisation).
 """
 import math
 import numbers
@@ -47,17 +55,46 @@ def check_same_device(labels: torch.Tensor, **tensors) -> None:
             raise ValueError(f"{name} is on {t.device} but labels are on {labels.device}")
 
 
-def check_gamma(gamma) -> float:
+GAMMA_MAX = 1e6   # |gamma| above this overflows d^2 in fp32 for log-probs of a few hundred nats
+INT64_RANGE = (-(2 ** 63), 2 ** 63 - 1)
+
+
+def check_gamma(gamma):
+    """A finite real with |gamma| <= GAMMA_MAX; a symbolic float (torch.compile dynamic=True) is checked at run time."""
+    if isinstance(gamma, torch.SymFloat):
+        torch._check(abs(gamma) <= GAMMA_MAX, lambda: f"gamma must be finite with |gamma| <= {GAMMA_MAX:g}")
+        return gamma
     if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
         raise TypeError(f"gamma must be a real number, got {type(gamma).__name__}")
-    if not math.isfinite(gamma):
-        raise ValueError(f"gamma must be finite, got {gamma}")
+    if not (math.isfinite(gamma) and abs(gamma) <= GAMMA_MAX):
+        raise ValueError(f"gamma must be finite with |gamma| <= {GAMMA_MAX:g}, got {gamma}")
     return float(gamma)
 
 
 def check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_shift(shift) -> None:
+    if not isinstance(shift, bool):
+        raise TypeError(f"shift must be True or False, got {shift!r}")
+
+
+def check_ignore_index(ignore_index) -> None:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not INT64_RANGE[0] <= ignore_index <= INT64_RANGE[1]:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+
+
+def _assert_tensor(ok: torch.Tensor, message: str) -> None:
+    """Raise ValueError for a CPU tensor; an asynchronous device assert on a GPU or when traced (no sync)."""
+    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok):
+            raise ValueError(message)
+    else:
+        torch._assert_async(ok, message)
 
 
 def check_normalizer(normalizer, reduction: str):
@@ -68,6 +105,8 @@ def check_normalizer(normalizer, reduction: str):
     if isinstance(normalizer, torch.Tensor):
         if normalizer.numel() != 1 or normalizer.dtype.is_complex or normalizer.dtype == torch.bool:
             raise ValueError("normalizer tensor must hold a single real number")
+        value = normalizer.detach().reshape(()).float()
+        _assert_tensor(torch.isfinite(value) & (value > 0), "normalizer must be finite and > 0")
         return normalizer.reshape(()).float()
     if isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real):
         raise TypeError(f"normalizer must be a number or a 1-element tensor, got {type(normalizer).__name__}")
@@ -82,13 +121,21 @@ LABEL_CHECK_ENV_VAR = "WSPO_KERNELS_CHECK_LABELS"
 def check_labels_range(labels: torch.Tensor, ignore_index: int, **vocabs: int) -> None:
     """Labels must be ignore_index or in [0, V) for every model named in ``vocabs`` (name=V).
 
-    Data-dependent: one host sync on a GPU however many models are checked (the smallest vocabulary
-    decides), and ``WSPO_KERNELS_CHECK_LABELS=0`` skips it there for labels known to be valid (CPU
-    tensors are always checked).
+    CPU tensors: a ValueError naming the model and the first bad label.  GPU tensors: an asynchronous
+    device assert (no host synchronisation, so the loss can be captured in a CUDA graph); a failure
+    surfaces at the next synchronisation as a device-side assertion.  ``WSPO_KERNELS_CHECK_LABELS=0``
+    skips the GPU check for labels known to be valid (CPU tensors are always checked).
     """
-    if labels.device.type != "cpu" and os.environ.get(LABEL_CHECK_ENV_VAR, "1") == "0":
+    name, smallest = "", None
+    for n, v in vocabs.items():  # a plain loop: torch.compile traces it
+        if smallest is None or v < smallest:
+            name, smallest = n, v
+    if labels.device.type != "cpu" or torch.compiler.is_compiling():
+        if labels.device.type == "cpu" or os.environ.get(LABEL_CHECK_ENV_VAR, "1") != "0":
+            bad = (labels != ignore_index) & ((labels < 0) | (labels >= smallest))
+            torch._assert_async(~bad.any(), f"labels must be in [0, {smallest}) for {name} (vocab size {smallest}) "
+                                            f"or equal ignore_index={ignore_index}")
         return
-    smallest = min(vocabs.values())
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= smallest))
     if bool(bad.any()):
         first = int(labels[bad][0])
@@ -160,16 +207,29 @@ class Layout(NamedTuple):
         return w
 
 
+def _as_cu_seqlens(cu_seqlens, labels: torch.Tensor) -> torch.Tensor:
+    if isinstance(cu_seqlens, (list, tuple)):
+        if not all(isinstance(c, int) and not isinstance(c, bool) for c in cu_seqlens):
+            raise TypeError("cu_seqlens as a list must hold ints")
+        return torch.tensor(cu_seqlens, dtype=torch.int64, device=labels.device)
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a 1-D integer tensor or a list of ints, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex or cu_seqlens.dtype == torch.bool:
+        raise TypeError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
+    return cu_seqlens
+
+
 def make_layout(labels: torch.Tensor, *, shift: bool, ignore_index: int,
                 cu_seqlens: Optional[torch.Tensor] = None) -> Layout:
     check_labels_tensor(labels)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    labels = labels.long()
+    check_ignore_index(ignore_index)
+    check_shift(shift)
+    labels = labels.long().contiguous()  # kernels read labels with unit stride
     if cu_seqlens is not None:
+        cu_seqlens = _as_cu_seqlens(cu_seqlens, labels)
         if labels.dim() != 1:
             raise ValueError("cu_seqlens requires flat [N] labels (packed sequences)")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype.is_floating_point:
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
             raise ValueError("cu_seqlens must be a 1-D integer tensor [B + 1] of sequence boundaries")
         check_same_device(labels, cu_seqlens=cu_seqlens)
         if not torch.compiler.is_compiling():
@@ -201,7 +261,11 @@ def make_layout(labels: torch.Tensor, *, shift: bool, ignore_index: int,
 
 
 def rows_of(logits: torch.Tensor, layout: Layout, name: str) -> torch.Tensor:
-    """Check ``logits`` against the label grid and view it as ``[N, V]`` rows (unit stride in V)."""
+    """Check ``logits`` against the label grid; the kernels' operand: ``[N, V]`` rows or ``[B, T, V]``.
+
+    Unit stride along V is the one requirement (a strided vocabulary is copied); otherwise the
+    tensor's memory is used as it is (see the module docstring).
+    """
     check_float(logits, name)
     check_same_device(layout.labels, **{name: logits})
     grid = layout.grid
@@ -209,5 +273,30 @@ def rows_of(logits: torch.Tensor, layout: Layout, name: str) -> torch.Tensor:
         raise ValueError(f"{name} must have shape {grid + ('V',)} to match labels, got {tuple(logits.shape)}")
     if logits.shape[-1] == 0:
         raise ValueError(f"{name} has an empty vocabulary")
-    rows = logits.reshape(-1, logits.shape[-1])
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
+    if logits.stride(-1) != 1 and logits.shape[-1] > 1:
+        logits = logits.contiguous()
+    try:
+        return logits.view(-1, logits.shape[-1])
+    except RuntimeError:  # rows without one common stride: the kernels address them as (b, t)
+        return logits
+
+
+def num_rows(x: torch.Tensor) -> int:
+    """Rows of a kernel operand ([N, V] or [B, T, V])."""
+    return x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
+
+
+def writable_in_place(x: torch.Tensor) -> bool:
+    """True when no two elements of ``x`` share memory, so a gradient can be written over it.
+
+    Sufficient test: along the dimensions sorted by stride, each stride covers the span of the
+    ones below it (an expanded or otherwise overlapping view fails and gets a fresh buffer).
+    """
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        return False
+    span = x.shape[-1]
+    for stride, size in sorted((x.stride(d), x.shape[d]) for d in range(x.dim() - 1) if x.shape[d] > 1):
+        if stride < span:
+            return False
+        span = stride * size
+    return True

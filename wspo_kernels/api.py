@@ -15,8 +15,8 @@ from typing import NamedTuple
 import torch
 
 from . import ops
-from ._inputs import (acc_dtype, check_float, check_gamma, check_normalizer, check_reduction, check_same_device,
-                      make_layout, rows_of)
+from ._inputs import (acc_dtype, check_float, check_gamma, check_labels_range, check_normalizer, check_reduction,
+                      check_same_device, make_layout, rows_of, writable_in_place)
 from .dispatch import check_choice
 
 __all__ = ["token_logprobs", "linear_token_logprobs", "weak_log_ratio", "wspo_loss", "linear_wspo_loss",
@@ -42,6 +42,8 @@ def _linear_rows(hidden, weight, bias, layout, name):
     grid = layout.grid
     if hidden.dim() != len(grid) + 1 or tuple(hidden.shape[:-1]) != grid:
         raise ValueError(f"{name} hidden must have shape {grid + ('H',)} to match labels, got {tuple(hidden.shape)}")
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"{name} hidden has hidden size H=0")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
         raise ValueError(f"{name} weight must be [V, H={hidden.shape[-1]}], got {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
@@ -56,6 +58,7 @@ def _frozen(x, layout, name, backend):
             raise ValueError(f"{name} as a tuple must be (hidden, weight) or (hidden, weight, bias)")
         hidden, weight, bias = (*x, None)[:3]
         h = _linear_rows(hidden, weight, bias, layout, name)
+        check_labels_range(layout.labels, layout.ignore_index, **{name: weight.shape[0]})  # names the model
         with torch.no_grad():
             return "logps", ops.linear_logprobs(h.detach(), weight.detach(), None if bias is None else bias.detach(),
                                                 layout.labels, layout.ignore_index, backend)[0]
@@ -63,7 +66,9 @@ def _frozen(x, layout, name, backend):
     check_same_device(layout.labels, **{name: x})
     x = x.detach()
     if x.dim() == len(layout.token_shape) + 1:
-        return "logits", rows_of(x, layout, name)
+        rows = rows_of(x, layout, name)
+        check_labels_range(layout.labels, layout.ignore_index, **{name: x.shape[-1]})  # names the model
+        return "logits", rows
     if tuple(x.shape) != tuple(layout.token_shape):
         raise ValueError(
             f"{name} must be logits of shape {layout.grid + ('V',)} or per-token logps of shape "
@@ -94,6 +99,12 @@ def _frozen_terms_from(r, a, w, layout, backend):
     return _logps_of(r, layout, backend), delta_w
 
 
+def _policy_constant(gamma, lr, delta_w, layout, acc):
+    """k_t = gamma * l^ref_t + Δw_t, 0 on ignored rows (whatever precomputed logps hold there: NaN too)."""
+    k = gamma * lr.to(acc) + delta_w.to(acc)
+    return torch.where(layout.labels != layout.ignore_index, k, torch.zeros((), dtype=acc, device=k.device))
+
+
 def _prepare(labels, gamma, ignore_index, shift, reduction, normalizer, cu_seqlens, backend):
     check_choice(backend)
     gamma = check_gamma(gamma)
@@ -108,11 +119,12 @@ def _reduce(loss_t, layout, reduction):
 
 
 def _with_metrics(loss, logp, lr, delta_w, layout):
-    logp = logp.detach()
+    logp, lr, delta_w = logp.detach(), lr.detach(), delta_w.detach()
     mask = layout.labels != layout.ignore_index
-    strong = torch.where(mask, logp - lr.to(logp.dtype), torch.zeros_like(logp))
-    return WSPOOutput(loss, layout.to_user(logp), layout.to_user(strong),
-                      layout.to_user(delta_w.to(logp.dtype)), layout.to_user(mask))
+    zero = torch.zeros_like(logp)
+    strong = torch.where(mask, logp - lr.to(logp.dtype), zero)
+    weak = torch.where(mask, delta_w.to(logp.dtype), zero)
+    return WSPOOutput(loss, layout.to_user(logp), layout.to_user(strong), layout.to_user(weak), layout.to_user(mask))
 
 
 def token_logprobs(logits, labels, *, ignore_index=-100, shift=False, cu_seqlens=None, backend=None):
@@ -165,7 +177,10 @@ def wspo_loss(policy_logits, labels, *, ref, weak_aligned, weak_base, gamma=0.1,
 
     ``inplace_grad=True`` writes the policy gradient over ``policy_logits`` during the forward pass
     (no extra N x V memory; the logits' values are gone afterwards, use them before or not at all).
-    Eager mode only: under torch.compile the regular path runs, with the same values.
+    That holds for any layout whose elements each have their own memory (contiguous, vocab-sliced,
+    transposed); logits with a strided vocabulary are copied first and the gradient is written over
+    the copy, and overlapping memory (an expanded tensor) gets a fresh gradient buffer.  Eager mode
+    only: under torch.compile the regular path runs, with the same values.
     """
     gamma, normalizer, layout = _prepare(labels, gamma, ignore_index, shift, reduction, normalizer, cu_seqlens,
                                          backend)
@@ -180,8 +195,8 @@ def wspo_loss(policy_logits, labels, *, ref, weak_aligned, weak_base, gamma=0.1,
         lr = delta_w = None  # come out of the kernel
     else:
         lr, delta_w = _frozen_terms_from(r, a, w, layout, backend)
-        k = gamma * lr.to(acc) + delta_w.to(acc)
-    if inplace_grad and compute_grad and not torch.compiler.is_compiling():
+        k = _policy_constant(gamma, lr, delta_w, layout, acc)
+    if inplace_grad and compute_grad and not torch.compiler.is_compiling() and writable_in_place(policy):
         if one_pass:
             run = functools.partial(ops.run_wspo_four, policy, r[1], a[1], w[1], layout.labels, w_t, gamma,
                                     ignore_index, backend=backend)
@@ -218,7 +233,7 @@ def linear_wspo_loss(policy_hidden, lm_head_weight, labels, *, ref, weak_aligned
     w_t = layout.token_weights(reduction, normalizer, acc)
     r, a, w = _frozen_all(ref, weak_aligned, weak_base, layout, backend)
     lr, delta_w = _frozen_terms_from(r, a, w, layout, backend)
-    k = gamma * lr.to(acc) + delta_w.to(acc)
+    k = _policy_constant(gamma, lr, delta_w, layout, acc)
     if reduction == "none":  # per-sequence upstream gradients: backprop through the logps instead
         logp = ops.linear_logprobs(h, lm_head_weight, bias, layout.labels, ignore_index, backend)[0]
         d = gamma * logp - k

@@ -1,13 +1,17 @@
 """Linear (hidden-state) forms: logits computed a chunk of rows at a time, never all N at once.
 
     z_c = h_c W^T + b          (fp32 GEMM of one chunk of rows; W upcast once per call)
-    row kernels of the chosen backend on z_c (log-sum-exp, label logit, gradient written over z_c)
+    row kernels of the chosen backend on z_c (statistics, label logit, gradient written over z_c)
     dh_c = G_c W,   dW += G_c^T h_c,   db += sum_rows G_c          (fp32 accumulation of dW, db)
+
+Ignored rows have a zero gradient row, and their hidden states are zeroed before the dW GEMM, so
+NaN or inf there (0 * NaN = NaN) never reaches dW.  Mixed dtypes compute in the promoted
+accumulation dtype (fp16 hidden with an fp32 weight: fp32).
 
 Peak extra memory is one chunk of fp32 logits (``LINEAR_CHUNK_ELEMS``) plus the fp32 dW/db
 accumulators: flat in N.  ``linear_wspo`` writes the gradient in the forward pass (it needs the
 reduced loss to be a scalar: the backward then only scales dh, dW, db); ``linear_logprobs`` saves
-only the per-row lse and recomputes each chunk's logits in its backward.
+only the per-row statistics and recomputes each chunk's logits in its backward.
 """
 import torch
 
@@ -27,27 +31,32 @@ def _logits(h_c, w_acc, b_acc):
     return z if b_acc is None else z.add_(b_acc)
 
 
+def _acc_of(hidden, weight):
+    return torch.promote_types(_acc(hidden), _acc(weight))
+
+
 def _upcast(weight, bias, acc):
     return weight.to(acc), None if bias is None else bias.to(acc)
 
 
 def linear_logprobs(rows, hidden, weight, bias, labels, ignore_index):
-    acc = _acc(hidden)
+    acc = _acc_of(hidden, weight)
     w_acc, b_acc = _upcast(weight, bias, acc)
     n = hidden.shape[0]
     logp = torch.empty(n, dtype=acc, device=hidden.device)
-    lse = torch.empty(n, dtype=acc, device=hidden.device)
+    stats = torch.empty(2, n, dtype=acc, device=hidden.device)
     for r in _chunks(n, weight.shape[0]):
-        logp[r], lse[r] = rows.logprobs(_logits(hidden[r], w_acc, b_acc), labels[r], ignore_index)
-    return logp, lse
+        logp[r], stats[:, r] = rows.logprobs(_logits(hidden[r], w_acc, b_acc), labels[r], ignore_index)
+    return logp, stats
 
 
-def _accumulate(g, h_c, w_acc, dh, dw, db, r):
+def _accumulate(g, h_c, labels_c, ignore_index, w_acc, dh, dw, db, r):
     """Backprop one chunk's logits gradient ``g`` through the GEMM into dh, dW, db (None: not wanted)."""
     if dh is not None:
         dh[r] = g @ w_acc
     if dw is not None:
-        dw.addmm_(g.t(), h_c.to(g.dtype))
+        live = (labels_c != ignore_index)[:, None]
+        dw.addmm_(g.t(), torch.where(live, h_c.to(g.dtype), torch.zeros((), dtype=g.dtype, device=g.device)))
     if db is not None:
         db += g.sum(0)
 
@@ -66,21 +75,21 @@ def _finish(hidden, weight, bias, dh, dw, db):
             hidden.new_empty(0) if db is None else db.to(bias.dtype))
 
 
-def linear_logprobs_backward(rows, grad_logp, hidden, weight, bias, labels, lse, ignore_index,
+def linear_logprobs_backward(rows, grad_logp, hidden, weight, bias, labels, stats, ignore_index,
                              grad_hidden, grad_weight):
-    acc = _acc(hidden)
+    acc = _acc_of(hidden, weight)
     w_acc, b_acc = _upcast(weight, bias, acc)
     dh, dw, db = _grad_buffers(hidden, weight, bias, acc, grad_hidden, grad_weight)
     for r in _chunks(hidden.shape[0], weight.shape[0]):
         z = _logits(hidden[r], w_acc, b_acc)
-        g = rows.logprobs_backward(z, labels[r], lse[r], grad_logp[r], ignore_index, out=z)
-        _accumulate(g, hidden[r], w_acc, dh, dw, db, r)
+        g = rows.logprobs_backward(z, labels[r], stats[:, r], grad_logp[r], ignore_index, out=z)
+        _accumulate(g, hidden[r], labels[r], ignore_index, w_acc, dh, dw, db, r)
     return _finish(hidden, weight, bias, dh, dw, db)
 
 
 def linear_wspo(rows, hidden, weight, bias, labels, k, weight_t, gamma, ignore_index, grad_hidden, grad_weight):
     """Returns (sum_t loss_t, logp [N], dh, dW, db): gradients of the summed loss, written in forward."""
-    acc = _acc(hidden)
+    acc = _acc_of(hidden, weight)
     w_acc, b_acc = _upcast(weight, bias, acc)
     n = hidden.shape[0]
     logp = torch.empty(n, dtype=acc, device=hidden.device)
@@ -93,5 +102,5 @@ def linear_wspo(rows, hidden, weight, bias, labels, k, weight_t, gamma, ignore_i
                                          z if compute_grad else None)
         loss += loss_r.sum()
         if compute_grad:
-            _accumulate(z, hidden[r], w_acc, dh, dw, db, r)
+            _accumulate(z, hidden[r], labels[r], ignore_index, w_acc, dh, dw, db, r)
     return (loss, logp, *_finish(hidden, weight, bias, dh, dw, db))

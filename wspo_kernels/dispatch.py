@@ -30,19 +30,27 @@ def _module(name: str):
         return None, f"{exc}"
 
 
-def select_backend(requested: str, device: torch.device, dtype: torch.dtype):
-    """The backend module to run on tensors of ``device`` / ``dtype``; ``requested`` '' means default."""
+def _why_not(module, device: torch.device, dtypes) -> str:
+    """None when ``module`` runs on ``device`` for every dtype in ``dtypes``, else the first reason."""
+    return next((r for r in (module.unavailable_reason(device, d) for d in dtypes) if r is not None), None)
+
+
+def select_backend(requested: str, device: torch.device, dtype):
+    """The backend module to run on tensors of ``device`` and ``dtype`` (one dtype, or a tuple of the
+    operands' dtypes: mixed inputs need a backend that takes them all); ``requested`` '' means default."""
+    dtypes = tuple(dtype) if isinstance(dtype, (tuple, list)) else (dtype,)
     name = requested or os.environ.get(ENV_VAR, "auto") or "auto"
     if name not in CHOICES:
         raise ValueError(f"unknown backend {name!r} (from {ENV_VAR} or backend=); choose one of {CHOICES}")
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
             module, _ = _module(candidate)
-            if module is not None and module.unavailable_reason(device, dtype) is None:
+            if module is not None and _why_not(module, device, dtypes) is None:
                 return module
     module, reason = _module(name)
     if module is not None:
-        reason = module.unavailable_reason(device, dtype)
+        reason = _why_not(module, device, dtypes)
     if reason is not None:
-        raise RuntimeError(f"backend {name!r} cannot run on {device.type} {dtype} tensors: {reason}")
+        kinds = "/".join(str(d).replace("torch.", "") for d in dtypes)
+        raise RuntimeError(f"backend {name!r} cannot run on {device.type} {kinds} tensors: {reason}")
     return module

@@ -1,10 +1,12 @@
 """The package's operators, registered with ``torch.library`` so torch.compile sees one opaque op each.
 
 Each op checks its labels against every vocabulary it reads (the only data-dependent check, so it
-lives here rather than in the traced Python wrappers), picks a backend (``dispatch.select_backend``)
-and runs that backend's row kernels.  Autograd:
+lives here rather than in the traced Python wrappers), picks a backend that takes every operand's
+dtype (``dispatch.select_backend``) and runs that backend's row kernels.  Logits operands are
+``[N, V]`` or ``[B, T, V]`` (see ``_inputs.rows_of``).  Autograd:
 
-- ``logprobs`` / ``linear_logprobs`` save the per-row lse and recompute in their backward ops;
+- ``logprobs`` / ``linear_logprobs`` save the per-row statistics (max, sum of exp) and recompute in
+  their backward ops;
 - ``wspo_rows`` / ``wspo_four`` return the policy gradient computed in the forward pass
   (gradient of sum_t loss_t); their backward scales row t by the incoming dL/dloss_t in place
   (``scale_rows_``, a mutating op) and hands the buffer to autograd without a copy;
@@ -21,14 +23,16 @@ import torch
 from torch import Tensor
 
 from . import chunked_linear
-from ._inputs import acc_dtype as _acc, check_labels_range
+from ._inputs import acc_dtype as _acc, check_labels_range, num_rows
 from .dispatch import select_backend
 
 _LIB = "wspo_kernels"
 
 
-def _rows_backend(backend: str, x: Tensor):
-    return select_backend(backend, x.device, x.dtype)
+def _rows_backend(backend: str, x: Tensor, *others: Optional[Tensor]):
+    """The backend for ``x``'s device that takes the dtypes of ``x`` and of every other operand."""
+    dtypes = tuple(dict.fromkeys(t.dtype for t in (x, *others) if t is not None))
+    return select_backend(backend, x.device, dtypes)
 
 
 LINEAR_ENV_VAR = "WSPO_KERNELS_LINEAR"   # auto | chunked | fused
@@ -54,25 +58,25 @@ def _linear_impl(rows):
 # ----------------------------------------------------------------------------- logprobs
 @torch.library.custom_op(f"{_LIB}::logprobs", mutates_args=())
 def logprobs(logits: Tensor, labels: Tensor, ignore_index: int, backend: str) -> Tuple[Tensor, Tensor]:
-    check_labels_range(labels, ignore_index, logits=logits.shape[1])
+    check_labels_range(labels, ignore_index, logits=logits.shape[-1])
     return _rows_backend(backend, logits).logprobs(logits, labels, ignore_index)
 
 
 @logprobs.register_fake
 def _(logits, labels, ignore_index, backend):
-    n = logits.shape[0]
-    return logits.new_empty(n, dtype=_acc(logits)), logits.new_empty(n, dtype=_acc(logits))
+    n = num_rows(logits)
+    return logits.new_empty(n, dtype=_acc(logits)), logits.new_empty(2, n, dtype=_acc(logits))
 
 
 @torch.library.custom_op(f"{_LIB}::logprobs_backward", mutates_args=())
-def logprobs_backward(grad_logp: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, ignore_index: int,
+def logprobs_backward(grad_logp: Tensor, logits: Tensor, labels: Tensor, stats: Tensor, ignore_index: int,
                       backend: str) -> Tensor:
     out = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    return _rows_backend(backend, logits).logprobs_backward(logits, labels, lse, grad_logp, ignore_index, out)
+    return _rows_backend(backend, logits).logprobs_backward(logits, labels, stats, grad_logp, ignore_index, out)
 
 
 @logprobs_backward.register_fake
-def _(grad_logp, logits, labels, lse, ignore_index, backend):
+def _(grad_logp, logits, labels, stats, ignore_index, backend):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -82,9 +86,9 @@ def _logprobs_setup(ctx, inputs, output):
     ctx.ignore_index, ctx.backend = ignore_index, backend
 
 
-def _logprobs_bwd(ctx, grad_logp, grad_lse):
-    logits, labels, lse = ctx.saved_tensors
-    grad = logprobs_backward(grad_logp.contiguous(), logits, labels, lse, ctx.ignore_index, ctx.backend)
+def _logprobs_bwd(ctx, grad_logp, grad_stats):
+    logits, labels, stats = ctx.saved_tensors
+    grad = logprobs_backward(grad_logp.contiguous(), logits, labels, stats, ctx.ignore_index, ctx.backend)
     return grad, None, None, None
 
 
@@ -94,17 +98,18 @@ logprobs.register_autograd(_logprobs_bwd, setup_context=_logprobs_setup)
 # ----------------------------------------------------------------------------- weak log-ratio
 @torch.library.custom_op(f"{_LIB}::weak_log_ratio", mutates_args=())
 def weak_log_ratio(aligned: Tensor, base: Tensor, labels: Tensor, ignore_index: int, backend: str) -> Tensor:
-    check_labels_range(labels, ignore_index, weak_aligned=aligned.shape[1], weak_base=base.shape[1])
-    return _rows_backend(backend, aligned).weak_log_ratio(aligned, base, labels, ignore_index)
+    check_labels_range(labels, ignore_index, weak_aligned=aligned.shape[-1], weak_base=base.shape[-1])
+    return _rows_backend(backend, aligned, base).weak_log_ratio(aligned, base, labels, ignore_index)
 
 
 @weak_log_ratio.register_fake
 def _(aligned, base, labels, ignore_index, backend):
-    return aligned.new_empty(aligned.shape[0], dtype=_acc(aligned))
+    return aligned.new_empty(num_rows(aligned), dtype=torch.promote_types(_acc(aligned), _acc(base)))
 
 
 # ----------------------------------------------------------------------------- WSPO from logits
 def _grad_buffer(policy: Tensor, compute_grad: bool) -> Tensor:
+    """A fresh gradient buffer of the policy operand's shape ([N, V] or [B, T, V]), contiguous."""
     return torch.empty_like(policy, memory_format=torch.contiguous_format) if compute_grad else policy.new_empty(0)
 
 
@@ -119,13 +124,13 @@ def wspo_rows(policy: Tensor, labels: Tensor, k: Tensor, weight: Tensor, gamma: 
 
 def run_wspo_rows(policy, labels, k, weight, gamma, ignore_index, grad, backend):
     """Check labels, pick the backend, run its wspo_rows kernel (gradient into ``grad`` if given)."""
-    check_labels_range(labels, ignore_index, policy_logits=policy.shape[1])
+    check_labels_range(labels, ignore_index, policy_logits=policy.shape[-1])
     return _rows_backend(backend, policy).wspo_rows(policy, labels, k, weight, gamma, ignore_index, grad)
 
 
 @wspo_rows.register_fake
 def _(policy, labels, k, weight, gamma, ignore_index, compute_grad, backend):
-    n = policy.shape[0]
+    n = labels.shape[0]
     return policy.new_empty(n, dtype=_acc(policy)), policy.new_empty(n, dtype=_acc(policy)), \
         _grad_buffer(policy, compute_grad)
 
@@ -141,15 +146,15 @@ def wspo_four(policy: Tensor, ref: Tensor, aligned: Tensor, base: Tensor, labels
 
 def run_wspo_four(policy, ref, aligned, base, labels, weight, gamma, ignore_index, grad, backend):
     """Check labels against all four vocabularies, run the backend's one-pass kernel."""
-    check_labels_range(labels, ignore_index, policy_logits=policy.shape[1], ref=ref.shape[1],
-                       weak_aligned=aligned.shape[1], weak_base=base.shape[1])
-    return _rows_backend(backend, policy).wspo_four(policy, ref, aligned, base, labels, weight, gamma, ignore_index,
-                                                    grad)
+    check_labels_range(labels, ignore_index, policy_logits=policy.shape[-1], ref=ref.shape[-1],
+                       weak_aligned=aligned.shape[-1], weak_base=base.shape[-1])
+    return _rows_backend(backend, policy, ref, aligned, base).wspo_four(policy, ref, aligned, base, labels, weight,
+                                                                        gamma, ignore_index, grad)
 
 
 @wspo_four.register_fake
 def _(policy, ref, aligned, base, labels, weight, gamma, ignore_index, compute_grad, backend):
-    n = policy.shape[0]
+    n = labels.shape[0]
     return policy.new_empty(n, dtype=_acc(policy)), policy.new_empty(4, n, dtype=_acc(policy)), \
         _grad_buffer(policy, compute_grad)
 
@@ -192,12 +197,17 @@ def scale_rows_(grad: Tensor, scale: Tensor, backend: str) -> None:
     _rows_backend(backend, grad).scale_rows_(grad, scale)
 
 
+def _per_row(scale: Tensor, grad: Tensor) -> Tensor:
+    """[N] row scales shaped to broadcast over a [N, V] or [B, T, V] gradient."""
+    return scale.reshape(*grad.shape[:-1], 1)
+
+
 def _scale_saved_grad(ctx, grad_loss, *unused):
     if grad_loss is None:
         return (None,) * ctx.num_inputs
     (grad,), reusable = _take_grads(ctx)
     if reusable:
-        return (grad * grad_loss.unsqueeze(1),) + (None,) * (ctx.num_inputs - 1)
+        return (grad * _per_row(grad_loss, grad),) + (None,) * (ctx.num_inputs - 1)
     scale_rows_(grad, grad_loss.contiguous(), ctx.backend)
     return (grad,) + (None,) * (ctx.num_inputs - 1)
 
@@ -230,7 +240,7 @@ class GradOverPolicy(torch.autograd.Function):
             return None, None, None
         (grad,), reusable = _take_grads(ctx)
         if reusable:
-            return grad * grad_loss.unsqueeze(1), None, None
+            return grad * _per_row(grad_loss, grad), None, None
         scale_rows_(grad, grad_loss.contiguous(), ctx.backend)
         return grad, None, None
 
@@ -240,14 +250,14 @@ class GradOverPolicy(torch.autograd.Function):
 def linear_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, ignore_index: int,
                     backend: str) -> Tuple[Tensor, Tensor]:
     check_labels_range(labels, ignore_index, lm_head_weight=weight.shape[0])
-    rows = _rows_backend(backend, hidden)
+    rows = _rows_backend(backend, hidden, weight, bias)
     return _linear_impl(rows).linear_logprobs(rows, hidden, weight, bias, labels, ignore_index)
 
 
 @linear_logprobs.register_fake
 def _(hidden, weight, bias, labels, ignore_index, backend):
     n = hidden.shape[0]
-    return hidden.new_empty(n, dtype=_acc(hidden)), hidden.new_empty(n, dtype=_acc(hidden))
+    return hidden.new_empty(n, dtype=_acc(hidden)), hidden.new_empty(2, n, dtype=_acc(hidden))
 
 
 def _grad_likes(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], grad_hidden: bool, grad_weight: bool):
@@ -259,15 +269,15 @@ def _grad_likes(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], grad_hid
 
 @torch.library.custom_op(f"{_LIB}::linear_logprobs_backward", mutates_args=())
 def linear_logprobs_backward(grad_logp: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                             labels: Tensor, lse: Tensor, ignore_index: int, grad_hidden: bool, grad_weight: bool,
+                             labels: Tensor, stats: Tensor, ignore_index: int, grad_hidden: bool, grad_weight: bool,
                              backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    rows = _rows_backend(backend, hidden)
-    return _linear_impl(rows).linear_logprobs_backward(rows, grad_logp, hidden, weight, bias, labels, lse,
+    rows = _rows_backend(backend, hidden, weight, bias)
+    return _linear_impl(rows).linear_logprobs_backward(rows, grad_logp, hidden, weight, bias, labels, stats,
                                                        ignore_index, grad_hidden, grad_weight)
 
 
 @linear_logprobs_backward.register_fake
-def _(grad_logp, hidden, weight, bias, labels, lse, ignore_index, grad_hidden, grad_weight, backend):
+def _(grad_logp, hidden, weight, bias, labels, stats, ignore_index, grad_hidden, grad_weight, backend):
     return _grad_likes(hidden, weight, bias, grad_hidden, grad_weight)
 
 
@@ -277,10 +287,10 @@ def _linear_logprobs_setup(ctx, inputs, output):
     ctx.ignore_index, ctx.backend = ignore_index, backend
 
 
-def _linear_logprobs_bwd(ctx, grad_logp, grad_lse):
-    hidden, weight, bias, labels, lse = ctx.saved_tensors
+def _linear_logprobs_bwd(ctx, grad_logp, grad_stats):
+    hidden, weight, bias, labels, stats = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dh, dw, db = linear_logprobs_backward(grad_logp.contiguous(), hidden, weight, bias, labels, lse,
+    dh, dw, db = linear_logprobs_backward(grad_logp.contiguous(), hidden, weight, bias, labels, stats,
                                           ctx.ignore_index, need[0], need[1] or need[2], ctx.backend)
     return (dh if need[0] else None, dw if need[1] else None, db if need[2] else None, None, None, None)
 
@@ -293,7 +303,7 @@ def linear_wspo(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: 
                 token_weight: Tensor, gamma: float, ignore_index: int, grad_hidden: bool, grad_weight: bool,
                 backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     check_labels_range(labels, ignore_index, lm_head_weight=weight.shape[0])
-    rows = _rows_backend(backend, hidden)
+    rows = _rows_backend(backend, hidden, weight, bias)
     return _linear_impl(rows).linear_wspo(rows, hidden, weight, bias, labels, k, token_weight, gamma, ignore_index,
                                           grad_hidden, grad_weight)
 

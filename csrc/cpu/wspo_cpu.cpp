@@ -1,21 +1,25 @@
 // Native CPU row kernels of wspo-kernels: vectorised (ATen Vectorized<float>), parallel over rows.
 //
-// Every kernel works on rows: logits [N, V] (unit stride along V, any row stride), labels [N] int64,
-// rows whose label is ignore_index contribute 0.  Accumulation is float32 for fp32 / bf16 / fp16 inputs.
+// Every kernel works on rows: logits [N, V] or [B, T, V] with unit stride along V and any strides
+// across rows (row i is (b, t) = (i / T, i % T): a vocab-sliced, transposed or expanded view is read
+// in place), labels [N] int64, rows whose label is ignore_index contribute 0 and are never read
+// (NaN or inf there changes nothing).  Accumulation is float32 for fp32 / bf16 / fp16 inputs.
 //
 // Online log-sum-exp, one sweep of the row from memory: the row is cut into blocks of kBlock
 // elements (small enough to stay in L1); for each block
 //     M = max_j z_j;  m' = max(m, M);  s = s * exp(m - m') + sum_j exp(z_j - m')
-// so the block is read twice from L1 and once from memory; lse = m + log(s).  The label logit z_y is
-// read directly.  logp = z_y - lse.
+// so the block is read twice from L1 and once from memory.  The row's statistics are (m, s), kept
+// apart: logp = (z_y - m) - log(s) stays exact for logits with a large common offset (m + log(s)
+// would round to the offset's ulp), and softmax_v = exp(z_v - m) / s.
 //
-// WSPO in one pass (wspo_four): per row, the log-sum-exps of ref, aligned and base (each row read once),
+// WSPO in one pass (wspo_four): per row, the statistics of ref, aligned and base (each row read once),
 // then the policy's; d = gamma * (l^p - l^r) - (l^a - l^w), loss = w * d^2 with the per-token weight
 // w (m_t / n_b / B'), and the policy gradient of sum_t loss_t written in a second sweep of the policy
-// row (from cache):  g_v = c * (1[v = y] - exp(z_v - lse)),  c = 2 * gamma * w * d.
-// wspo_rows is the same with the frozen models folded into k = gamma * l^r + l^a - l^w.
-// Nothing is saved: the caller keeps the gradient; the gradient buffer may be the policy logits
-// (in-place), as each element is read before it is written.
+// row (from cache):  g_v = -c * exp(z_v - m) / s,  g_y = -c * expm1(logp),  c = 2 * gamma * w * d
+// (expm1: no cancellation as p_y -> 1).  wspo_rows is the same with the frozen models folded into
+// k = gamma * l^r + l^a - l^w.  Nothing is saved: the caller keeps the gradient; the gradient
+// buffer may be the policy logits (in place, any non-overlapping layout), as each element is read
+// before it is written.
 //
 // This file is compiled once per CPU capability (AVX-512, AVX2, default) into separate modules;
 // wspo_kernels/backends/native.py loads the one matching the running CPU.
@@ -112,8 +116,12 @@ inline void for_steps(const T* x, int64_t n, float fill, F&& f) {
 }
 
 // ------------------------------------------------------------------------------------------ row math
+struct Stats {  // a row's max and sum of exp(z - max)
+  float m, s;
+};
+
 template <typename T>
-float row_lse(const T* x, int64_t V) {
+Stats row_stats_of(const T* x, int64_t V) {
   float m = kNegInf, s = 0.f;
   for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
     const T* xb = x + b0;
@@ -130,25 +138,27 @@ float row_lse(const T* x, int64_t V) {
     for_steps(xb, n, kNegInf, [&](const Vec& a, const Vec& b) { vsum += (a - vm).exp() + (b - vm).exp(); });
     s += hsum(vsum);
   }
-  return m == kNegInf ? kNegInf : m + std::log(s);
+  return {m, s};
 }
 
-// out = coef * (onehot(y) - exp(x - lse)); out may alias x.  z_y is the label logit, read beforehand.
+inline float logp_of(float z_y, Stats st) { return (z_y - st.m) - std::log(st.s); }
+
+// out = coef * (onehot(y) - exp(x - m) / s); out may alias x.  logp is the label's, computed beforehand.
 template <typename T>
-void row_grad(const T* x, T* out, int64_t V, float lse, float coef, int64_t y, float z_y) {
+void row_grad(const T* x, T* out, int64_t V, Stats st, float coef, int64_t y, float logp) {
   using IO = RowIO<T>;
-  const Vec vl(lse), vc(-coef);
+  const Vec vm(st.m), vc(-coef / st.s);
   Vec a, b;
   int64_t j = 0;
   for (; j + IO::kStep <= V; j += IO::kStep) {
     IO::load(x + j, a, b);
-    IO::store(out + j, (a - vl).exp() * vc, (b - vl).exp() * vc);
+    IO::store(out + j, (a - vm).exp() * vc, (b - vm).exp() * vc);
   }
   if (j < V) {
     IO::load_tail(x + j, V - j, kNegInf, a, b);
-    IO::store_tail(out + j, V - j, (a - vl).exp() * vc, (b - vl).exp() * vc);
+    IO::store_tail(out + j, V - j, (a - vm).exp() * vc, (b - vm).exp() * vc);
   }
-  out[y] = static_cast<T>(coef * (1.f - std::exp(z_y - lse)));  // one rounding for the label entry
+  out[y] = static_cast<T>(-coef * std::expm1(logp));  // c (1 - p_y) without cancellation as p_y -> 1
 }
 
 template <typename T>
@@ -156,24 +166,31 @@ inline void zero_row(T* out, int64_t V) {
   std::memset(static_cast<void*>(out), 0, sizeof(T) * V);
 }
 
-struct Rows {  // a [N, V] logits view
-  const void* data;
-  int64_t stride, vocab;
+// Rows of an [N, V] or [B, T, V] tensor with unit stride along V: row i = (i / inner, i % inner).
+struct Rows {
+  void* data;
+  int64_t outer_stride, inner_stride, inner, vocab;
   template <typename T>
-  const T* row(int64_t i) const { return static_cast<const T*>(data) + i * stride; }
+  T* row(int64_t i) const {
+    return static_cast<T*>(data) + (i / inner) * outer_stride + (i % inner) * inner_stride;
+  }
 };
 
-inline Rows rows_of(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, " must be [N, V] with unit stride along V");
-  return Rows{t.data_ptr(), t.stride(0), t.size(1)};
+inline Rows rows_of(const Tensor& t, int64_t n, const char* name) {
+  TORCH_CHECK((t.dim() == 2 || t.dim() == 3) && t.stride(-1) == 1 && t.device().is_cpu(), name,
+              " must be a CPU [N, V] or [B, T, V] tensor with unit stride along V");
+  const int64_t rows = t.numel() / std::max<int64_t>(t.size(-1), 1);
+  TORCH_CHECK(rows == n, name, " has ", rows, " rows, labels have ", n);
+  if (t.dim() == 3) return Rows{t.data_ptr(), t.stride(0), t.stride(1), std::max<int64_t>(t.size(1), 1), t.size(2)};
+  return Rows{t.data_ptr(), 0, t.stride(0), std::max<int64_t>(n, 1), t.size(1)};
 }
 
-// (lse, label logit) of row i; the label was validated by the caller (and is checked here once more).
+// (statistics, label logit) of row i; the label was validated by the caller (and is checked here once more).
 template <typename T>
-inline std::pair<float, float> row_stats(const Rows& r, int64_t i, int64_t y) {
+inline std::pair<Stats, float> row_stats(const Rows& r, int64_t i, int64_t y) {
   TORCH_CHECK(y >= 0 && y < r.vocab, "label ", y, " outside [0, ", r.vocab, ")");
   const T* x = r.row<T>(i);
-  return {row_lse(x, r.vocab), static_cast<float>(x[y])};
+  return {row_stats_of(x, r.vocab), static_cast<float>(x[y])};
 }
 
 template <typename F>
@@ -181,58 +198,63 @@ void dispatch_dtype(at::ScalarType dtype, F&& f) {
   wspo::dispatch_dtype(dtype, "native CPU kernels", std::forward<F>(f));
 }
 
-void check_rows(const Tensor& labels, std::initializer_list<Tensor> tensors) {
-  TORCH_CHECK(labels.dim() == 1 && labels.scalar_type() == at::kLong && labels.is_contiguous(),
-              "labels must be contiguous int64 [N]");
-  for (const auto& t : tensors) {
-    TORCH_CHECK(t.device().is_cpu(), "native CPU kernels need CPU tensors");
-    TORCH_CHECK(t.size(0) == labels.size(0), "row count mismatch");
-  }
+void check_labels(const Tensor& labels) {
+  TORCH_CHECK(labels.dim() == 1 && labels.scalar_type() == at::kLong && labels.is_contiguous() &&
+                  labels.device().is_cpu(), "labels must be contiguous CPU int64 [N]");
 }
 
 Tensor per_row(const Tensor& like, int64_t n) { return at::empty({n}, like.options().dtype(at::kFloat)); }
 
+// An output gradient buffer: the policy's shape and dtype, unit stride along V, any row strides.
+Rows grad_rows(const Tensor& grad, const Tensor& like, int64_t n, const char* name) {
+  TORCH_CHECK(grad.scalar_type() == like.scalar_type() && grad.size(-1) == like.size(-1), name,
+              " must have the logits' dtype and vocabulary size");
+  return rows_of(grad, n, name);
+}
+
 // ------------------------------------------------------------------------------------------ kernels
+// (logp [N], stats [2, N]): stats rows are the max m and the sum s of exp(z - m) (m = 0, s = 1 when ignored).
 std::tuple<Tensor, Tensor> logprobs(const Tensor& logits, const Tensor& labels, int64_t ignore_index) {
-  check_rows(labels, {logits});
-  const Rows r = rows_of(logits, "logits");
+  check_labels(labels);
   const int64_t n = labels.size(0);
-  Tensor logp = per_row(logits, n), lse = per_row(logits, n);
+  const Rows r = rows_of(logits, n, "logits");
+  Tensor logp = per_row(logits, n), stats = at::empty({2, n}, logits.options().dtype(at::kFloat));
   const int64_t* y = labels.data_ptr<int64_t>();
-  float *lp = logp.data_ptr<float>(), *ls = lse.data_ptr<float>();
+  float *lp = logp.data_ptr<float>(), *sm = stats.data_ptr<float>(), *ss = sm + n;
   dispatch_dtype(logits.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     at::parallel_for(0, n, kRowsPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        if (y[i] == ignore_index) { lp[i] = 0.f; ls[i] = 0.f; continue; }
-        auto [l, z] = row_stats<T>(r, i, y[i]);
-        ls[i] = l;
-        lp[i] = z - l;
+        if (y[i] == ignore_index) { lp[i] = 0.f; sm[i] = 0.f; ss[i] = 1.f; continue; }
+        auto [st, z] = row_stats<T>(r, i, y[i]);
+        sm[i] = st.m;
+        ss[i] = st.s;
+        lp[i] = logp_of(z, st);
       }
     });
   });
-  return {logp, lse};
+  return {logp, stats};
 }
 
-// out = grad_logp * (onehot - softmax): the backward of logprobs, from the saved lse.
-Tensor logprobs_backward(const Tensor& logits, const Tensor& labels, const Tensor& lse, const Tensor& grad_logp,
+// out = grad_logp * (onehot - softmax): the backward of logprobs, from the saved statistics.
+Tensor logprobs_backward(const Tensor& logits, const Tensor& labels, const Tensor& stats, const Tensor& grad_logp,
                          int64_t ignore_index, Tensor out) {
-  check_rows(labels, {logits, out});
-  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == logits.scalar_type(), "out must be contiguous, logits' dtype");
-  const Rows r = rows_of(logits, "logits");
+  check_labels(labels);
   const int64_t n = labels.size(0);
-  Tensor g = grad_logp.to(at::kFloat).contiguous(), l = lse.contiguous();
+  const Rows r = rows_of(logits, n, "logits"), o = grad_rows(out, logits, n, "out");
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 2 && stats.size(1) == n, "stats must be [2, N]");
+  Tensor g = grad_logp.to(at::kFloat).contiguous(), st = stats.to(at::kFloat).contiguous();
   const int64_t* y = labels.data_ptr<int64_t>();
-  const float *gp = g.data_ptr<float>(), *lp = l.data_ptr<float>();
+  const float *gp = g.data_ptr<float>(), *sm = st.data_ptr<float>(), *ss = sm + n;
   dispatch_dtype(logits.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    T* o = out.data_ptr<T>();
     at::parallel_for(0, n, kRowsPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        T* orow = o + i * r.vocab;
+        T* orow = o.row<T>(i);
         if (y[i] == ignore_index) { zero_row(orow, r.vocab); continue; }
         const T* x = r.row<T>(i);
-        row_grad(x, orow, r.vocab, lp[i], gp[i], y[i], static_cast<float>(x[y[i]]));
+        const Stats s{sm[i], ss[i]};
+        row_grad(x, orow, r.vocab, s, gp[i], y[i], logp_of(static_cast<float>(x[y[i]]), s));
       }
     });
   });
@@ -240,10 +262,10 @@ Tensor logprobs_backward(const Tensor& logits, const Tensor& labels, const Tenso
 }
 
 Tensor weak_log_ratio(const Tensor& aligned, const Tensor& base, const Tensor& labels, int64_t ignore_index) {
-  check_rows(labels, {aligned, base});
+  check_labels(labels);
   TORCH_CHECK(aligned.scalar_type() == base.scalar_type(), "aligned and base logits must share a dtype");
-  const Rows ra = rows_of(aligned, "aligned"), rb = rows_of(base, "base");
   const int64_t n = labels.size(0);
+  const Rows ra = rows_of(aligned, n, "aligned"), rb = rows_of(base, n, "base");
   Tensor out = per_row(aligned, n);
   const int64_t* y = labels.data_ptr<int64_t>();
   float* o = out.data_ptr<float>();
@@ -252,9 +274,9 @@ Tensor weak_log_ratio(const Tensor& aligned, const Tensor& base, const Tensor& l
     at::parallel_for(0, n, kRowsPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         if (y[i] == ignore_index) { o[i] = 0.f; continue; }
-        auto [la, za] = row_stats<T>(ra, i, y[i]);
-        auto [lw, zw] = row_stats<T>(rb, i, y[i]);
-        o[i] = (za - la) - (zw - lw);
+        auto [sa, za] = row_stats<T>(ra, i, y[i]);
+        auto [sw, zw] = row_stats<T>(rb, i, y[i]);
+        o[i] = logp_of(za, sa) - logp_of(zw, sw);
       }
     });
   });
@@ -263,22 +285,13 @@ Tensor weak_log_ratio(const Tensor& aligned, const Tensor& base, const Tensor& l
 
 // Shared tail of both WSPO kernels: loss and (optionally) the policy gradient of row i.
 template <typename T>
-inline void policy_row(const Rows& p, T* grad, int64_t i, int64_t y, float k, float w, float gamma, float* loss,
-                       float* logp) {
-  auto [lse, z] = row_stats<T>(p, i, y);
-  const float lp = z - lse, d = gamma * lp - k;
+inline void policy_row(const Rows& p, const Rows* grad, int64_t i, int64_t y, float k, float w, float gamma,
+                       float* loss, float* logp) {
+  auto [st, z] = row_stats<T>(p, i, y);
+  const float lp = logp_of(z, st), d = gamma * lp - k;
   logp[i] = lp;
   loss[i] = w * d * d;
-  if (grad != nullptr) row_grad(p.row<T>(i), grad + i * p.vocab, p.vocab, lse, 2.f * gamma * w * d, y, z);
-}
-
-template <typename T>
-inline T* grad_ptr(const c10::optional<Tensor>& grad, const Tensor& policy) {
-  if (!grad.has_value()) return nullptr;
-  TORCH_CHECK(grad->scalar_type() == policy.scalar_type() && grad->sizes() == policy.sizes() &&
-                  grad->stride(1) == 1 && grad->stride(0) == policy.size(1),
-              "grad must be a contiguous [N, V] buffer of the policy's dtype");
-  return grad->data_ptr<T>();
+  if (grad != nullptr) row_grad(p.row<T>(i), grad->row<T>(i), p.vocab, st, 2.f * gamma * w * d, y, lp);
 }
 
 // Both WSPO kernels: with `frozen` (ref, aligned, base logits) the one-pass kernel reads the three
@@ -286,17 +299,19 @@ inline T* grad_ptr(const c10::optional<Tensor>& grad, const Tensor& policy) {
 std::tuple<Tensor, Tensor> wspo(const Tensor& policy, const Tensor* frozen, const c10::optional<Tensor>& k,
                                 const Tensor& labels, const Tensor& weight, double gamma, int64_t ignore_index,
                                 const c10::optional<Tensor>& grad) {
-  check_rows(labels, {policy, weight});
-  const Rows p = rows_of(policy, "policy");
+  check_labels(labels);
+  const int64_t n = labels.size(0);
+  const Rows p = rows_of(policy, n, "policy");
+  TORCH_CHECK(weight.numel() == n, "weight must be [N]");
   Rows fr[3] = {p, p, p};
   if (frozen != nullptr) {
-    check_rows(labels, {frozen[0], frozen[1], frozen[2]});
     for (int m = 0; m < 3; ++m) {
       TORCH_CHECK(frozen[m].scalar_type() == policy.scalar_type(), "the one-pass kernel needs one dtype for all four");
-      fr[m] = rows_of(frozen[m], "frozen logits");
+      fr[m] = rows_of(frozen[m], n, "frozen logits");
     }
   }
-  const int64_t n = labels.size(0);
+  Rows gr{};
+  if (grad.has_value()) gr = grad_rows(*grad, policy, n, "grad");
   Tensor wc = weight.to(at::kFloat).contiguous(), kc = k.has_value() ? k->to(at::kFloat).contiguous() : Tensor();
   Tensor loss = per_row(policy, n), logps = at::empty({frozen ? 4 : 1, n}, policy.options().dtype(at::kFloat));
   const int64_t* y = labels.data_ptr<int64_t>();
@@ -304,30 +319,30 @@ std::tuple<Tensor, Tensor> wspo(const Tensor& policy, const Tensor* frozen, cons
   float *lo = loss.data_ptr<float>(), *l4 = logps.data_ptr<float>();
   const int n_logps = frozen ? 4 : 1;
   const float g = static_cast<float>(gamma);
+  const Rows* gp = grad.has_value() ? &gr : nullptr;
   dispatch_dtype(policy.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    T* gr = grad_ptr<T>(grad, policy);
     at::parallel_for(0, n, kRowsPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         if (y[i] == ignore_index) {
           lo[i] = 0.f;
           for (int m = 0; m < n_logps; ++m) l4[m * n + i] = 0.f;
-          if (gr != nullptr) zero_row(gr + i * p.vocab, p.vocab);
+          if (gp != nullptr) zero_row(gp->row<T>(i), p.vocab);
           continue;
         }
         float ki;
         if (frozen != nullptr) {
           float l[3];
           for (int m = 0; m < 3; ++m) {
-            auto [lse, z] = row_stats<T>(fr[m], i, y[i]);
-            l[m] = z - lse;
+            auto [st, z] = row_stats<T>(fr[m], i, y[i]);
+            l[m] = logp_of(z, st);
             l4[(m + 1) * n + i] = l[m];
           }
           ki = g * l[0] + l[1] - l[2];
         } else {
           ki = kp[i];
         }
-        policy_row<T>(p, gr, i, y[i], ki, wp[i], g, lo, l4);
+        policy_row<T>(p, gp, i, y[i], ki, wp[i], g, lo, l4);
       }
     });
   });
@@ -347,20 +362,21 @@ std::tuple<Tensor, Tensor> wspo_four(const Tensor& policy, const Tensor& ref, co
 }
 
 // grad[i, :] *= scale[i] in float32, in place: the backward of the WSPO kernels for per-row upstream grads.
+// grad may be any non-overlapping rows layout (the policy logits themselves with inplace_grad).
 void scale_rows_(Tensor grad, const Tensor& scale) {
-  TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous() && grad.device().is_cpu(), "grad must be contiguous [N, V]");
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == grad.size(0), "scale must be [N]");
+  TORCH_CHECK(scale.dim() == 1, "scale must be [N]");
+  const int64_t n = scale.size(0);
+  const Rows r = rows_of(grad, n, "grad");
   Tensor sc = scale.to(at::kFloat).contiguous();
   const float* sp = sc.data_ptr<float>();
-  const int64_t n = grad.size(0), V = grad.size(1);
+  const int64_t V = r.vocab;
   dispatch_dtype(grad.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     using IO = RowIO<T>;
-    T* g = grad.data_ptr<T>();
     at::parallel_for(0, n, kRowsPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         if (sp[i] == 1.f) continue;  // the usual case (mean / sum reductions): nothing to do
-        T* row = g + i * V;
+        T* row = r.row<T>(i);
         const Vec vs(sp[i]);
         Vec a, b;
         int64_t j = 0;
@@ -382,7 +398,7 @@ void scale_rows_(Tensor grad, const Tensor& scale) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "wspo-kernels native CPU row kernels (one build per CPU capability)";
   m.attr("capability") = WSPO_CAPABILITY_NAME;
-  m.def("logprobs", &wspo_cpu::logprobs, "per-row (logp, lse)");
+  m.def("logprobs", &wspo_cpu::logprobs, "per-row logp [N] and statistics [2, N] (max, sum of exp)");
   m.def("logprobs_backward", &wspo_cpu::logprobs_backward, "grad_logp * (onehot - softmax) into out");
   m.def("weak_log_ratio", &wspo_cpu::weak_log_ratio, "l^aligned - l^base per row");
   m.def("wspo_rows", &wspo_cpu::wspo_rows, "WSPO loss terms and policy gradient from k = gamma*l^r + l^a - l^w");

@@ -1,15 +1,18 @@
 // CUDA row kernels of wspo-kernels: one thread block per row, online softmax, vectorised loads.
 //
 // Same contract as the CPU kernels (csrc/cpu/wspo_cpu.cpp) and the portable backend: rows of logits
-// [N, V] with unit stride along V, labels [N] int64 already shifted, ignore_index rows contribute 0,
-// float32 accumulation for fp32 / bf16 / fp16 inputs.
+// [N, V] or [B, T, V] with unit stride along V and any row strides (row i = (i / T, i % T), so views
+// are read and written in place), labels [N] int64 already shifted, ignore_index rows contribute 0
+// and are never read, float32 accumulation for fp32 / bf16 / fp16 inputs.
 //
 // Online log-sum-exp: each thread keeps a running (m, s) over the elements it reads,
 //     x > m:  s = s * exp(m - x) + 1, m = x        else:  s += exp(x - m)
 // (one exp per element), then the block merges the pairs (m, s) ⊕ (m', s') = (M, s e^{m-M} + s' e^{m'-M}).
-// lse = m + log(s).  WSPO: per row the four log-sum-exps, d = gamma (l^p - l^r) - (l^a - l^w),
-// loss = w d^2, and the policy gradient c (1[v = y] - exp(z_v - lse)), c = 2 gamma w d, written in a
-// second sweep of the policy row (usually still in L2).  Row offsets are int64 (N * V may exceed 2^31).
+// The statistics (m, s) stay apart: logp = (z_y - m) - log(s) is exact for logits with a large common
+// offset, softmax_v = exp(z_v - m) / s.  WSPO: per row the four statistics, d = gamma (l^p - l^r) -
+// (l^a - l^w), loss = w d^2, and the policy gradient -c exp(z_v - m) / s, label entry -c expm1(logp)
+// (no cancellation as p_y -> 1), c = 2 gamma w d, written in a second sweep of the policy row (usually
+// still in L2).  Row offsets are int64 (N * V may exceed 2^31).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -75,9 +78,9 @@ __device__ MS block_merge(MS r) {
   return out;
 }
 
-// log-sum-exp of one row, read with 16-byte loads when the row is aligned.
+// Statistics (max, sum of exp(x - max)) of one row, read with 16-byte loads when the row is aligned.
 template <typename T>
-__device__ float row_lse(const T* __restrict__ x, int64_t V) {
+__device__ MS row_stats(const T* __restrict__ x, int64_t V) {
   constexpr int P = kPackBytes / sizeof(T);
   struct alignas(kPackBytes) Pack { T v[P]; };
   MS r{kNegInf, 0.f};
@@ -93,30 +96,32 @@ __device__ float row_lse(const T* __restrict__ x, int64_t V) {
     start = n_packs * P;
   }
   for (int64_t i = start + threadIdx.x; i < V; i += kThreads) push(r, to_f(x[i]));
-  r = block_merge(r);
-  return r.m == kNegInf ? kNegInf : r.m + logf(r.s);
+  return block_merge(r);
 }
 
-// out = coef * (onehot(y) - exp(x - lse)); out may alias x.
+__device__ __forceinline__ float logp_of(float z_y, MS st) { return (z_y - st.m) - logf(st.s); }
+
+// out = coef * (onehot(y) - exp(x - m) / s); out may alias x.
 template <typename T>
-__device__ void row_grad(const T* x, T* out, int64_t V, float lse, float coef, int64_t y, float z_y) {
+__device__ void row_grad(const T* x, T* out, int64_t V, MS st, float coef, int64_t y, float logp) {
   constexpr int P = kPackBytes / sizeof(T);
   struct alignas(kPackBytes) Pack { T v[P]; };
-  __syncthreads();  // in place (out == x): every thread has read z_y and its lse inputs before any write
+  __syncthreads();  // in place (out == x): every thread has read z_y and its inputs before any write
+  const float scale = -coef / st.s;
   int64_t start = 0;
   if (reinterpret_cast<uintptr_t>(x) % kPackBytes == 0 && reinterpret_cast<uintptr_t>(out) % kPackBytes == 0) {
     const int64_t n_packs = V / P;
     for (int64_t i = threadIdx.x; i < n_packs; i += kThreads) {
       Pack p = reinterpret_cast<const Pack*>(x)[i];
 #pragma unroll
-      for (int j = 0; j < P; ++j) p.v[j] = static_cast<T>(-coef * expf(to_f(p.v[j]) - lse));
+      for (int j = 0; j < P; ++j) p.v[j] = static_cast<T>(scale * expf(to_f(p.v[j]) - st.m));
       reinterpret_cast<Pack*>(out)[i] = p;
     }
     start = n_packs * P;
   }
-  for (int64_t i = start + threadIdx.x; i < V; i += kThreads) out[i] = static_cast<T>(-coef * expf(to_f(x[i]) - lse));
+  for (int64_t i = start + threadIdx.x; i < V; i += kThreads) out[i] = static_cast<T>(scale * expf(to_f(x[i]) - st.m));
   __syncthreads();  // every thread's writes land before the label entry is fixed
-  if (threadIdx.x == 0) out[y] = static_cast<T>(coef * (1.f - expf(z_y - lse)));
+  if (threadIdx.x == 0) out[y] = static_cast<T>(-coef * expm1f(logp));
 }
 
 template <typename T>
@@ -124,42 +129,49 @@ __device__ void zero_row(T* out, int64_t V) {
   for (int64_t i = threadIdx.x; i < V; i += kThreads) out[i] = static_cast<T>(0.f);
 }
 
+// Rows of an [N, V] or [B, T, V] tensor with unit stride along V: row i = (i / inner, i % inner).
 struct Rows {
-  const void* data;
-  int64_t stride, vocab;
+  void* data;
+  int64_t outer_stride, inner_stride, inner, vocab;
 };
 
 template <typename T>
-__device__ __forceinline__ const T* row_ptr(const Rows& r, int64_t i) {
-  return static_cast<const T*>(r.data) + i * r.stride;
+__device__ __forceinline__ T* row_ptr(const Rows& r, int64_t i) {
+  return static_cast<T*>(r.data) + (i / r.inner) * r.outer_stride + (i % r.inner) * r.inner_stride;
 }
 
 // ------------------------------------------------------------------------------------------ kernels
 template <typename T>
-__global__ void logprobs_kernel(Rows r, const int64_t* labels, int64_t ignore_index, float* logp, float* lse) {
+__global__ void logprobs_kernel(Rows r, const int64_t* labels, int64_t ignore_index, float* logp, float* stats,
+                                int64_t n) {
   const int64_t i = blockIdx.x;
   const int64_t y = labels[i];
   if (y == ignore_index) {
-    if (threadIdx.x == 0) logp[i] = lse[i] = 0.f;
+    if (threadIdx.x == 0) {
+      logp[i] = stats[i] = 0.f;
+      stats[n + i] = 1.f;
+    }
     return;
   }
   const T* x = row_ptr<T>(r, i);
-  const float l = row_lse(x, r.vocab);
+  const MS st = row_stats(x, r.vocab);
   if (threadIdx.x == 0) {
-    lse[i] = l;
-    logp[i] = to_f(x[y]) - l;
+    stats[i] = st.m;
+    stats[n + i] = st.s;
+    logp[i] = logp_of(to_f(x[y]), st);
   }
 }
 
 template <typename T>
-__global__ void logprobs_backward_kernel(Rows r, const int64_t* labels, int64_t ignore_index, const float* lse,
-                                         const float* grad_logp, T* out) {
+__global__ void logprobs_backward_kernel(Rows r, const int64_t* labels, int64_t ignore_index, const float* stats,
+                                         int64_t n, const float* grad_logp, Rows out) {
   const int64_t i = blockIdx.x;
   const int64_t y = labels[i];
-  T* o = out + i * r.vocab;
+  T* o = row_ptr<T>(out, i);
   if (y == ignore_index) return zero_row(o, r.vocab);
   const T* x = row_ptr<T>(r, i);
-  row_grad(x, o, r.vocab, lse[i], grad_logp[i], y, to_f(x[y]));
+  const MS st{stats[i], stats[n + i]};
+  row_grad(x, o, r.vocab, st, grad_logp[i], y, logp_of(to_f(x[y]), st));
 }
 
 template <typename T>
@@ -171,15 +183,15 @@ __global__ void weak_log_ratio_kernel(Rows a, Rows b, const int64_t* labels, int
     return;
   }
   const T *xa = row_ptr<T>(a, i), *xb = row_ptr<T>(b, i);
-  const float la = row_lse(xa, a.vocab), lb = row_lse(xb, b.vocab);
-  if (threadIdx.x == 0) out[i] = (to_f(xa[y]) - la) - (to_f(xb[y]) - lb);
+  const MS sa = row_stats(xa, a.vocab), sb = row_stats(xb, b.vocab);
+  if (threadIdx.x == 0) out[i] = logp_of(to_f(xa[y]), sa) - logp_of(to_f(xb[y]), sb);
 }
 
 // frozen_k != nullptr: k given (wspo_rows); otherwise the three frozen rows are read (wspo_four).
 template <typename T>
 __global__ void wspo_kernel(Rows p, Rows ref, Rows al, Rows ba, const float* frozen_k, const int64_t* labels,
                             const float* weight, float gamma, int64_t ignore_index, float* loss, float* logps,
-                            int64_t n, T* grad) {
+                            int64_t n, Rows grad, bool write_grad) {
   const int64_t i = blockIdx.x;
   const int64_t y = labels[i];
   if (y == ignore_index) {
@@ -187,7 +199,7 @@ __global__ void wspo_kernel(Rows p, Rows ref, Rows al, Rows ba, const float* fro
       loss[i] = 0.f;
       for (int m = 0; m < (frozen_k ? 1 : 4); ++m) logps[m * n + i] = 0.f;
     }
-    if (grad != nullptr) zero_row(grad + i * p.vocab, p.vocab);
+    if (write_grad) zero_row(row_ptr<T>(grad, i), p.vocab);
     return;
   }
   float k;
@@ -195,9 +207,9 @@ __global__ void wspo_kernel(Rows p, Rows ref, Rows al, Rows ba, const float* fro
     k = frozen_k[i];
   } else {
     const T *xr = row_ptr<T>(ref, i), *xa = row_ptr<T>(al, i), *xb = row_ptr<T>(ba, i);
-    const float lr = to_f(xr[y]) - row_lse(xr, ref.vocab);
-    const float la = to_f(xa[y]) - row_lse(xa, al.vocab);
-    const float lb = to_f(xb[y]) - row_lse(xb, ba.vocab);
+    const float lr = logp_of(to_f(xr[y]), row_stats(xr, ref.vocab));
+    const float la = logp_of(to_f(xa[y]), row_stats(xa, al.vocab));
+    const float lb = logp_of(to_f(xb[y]), row_stats(xb, ba.vocab));
     k = gamma * lr + la - lb;
     if (threadIdx.x == 0) {
       logps[n + i] = lr;
@@ -206,21 +218,21 @@ __global__ void wspo_kernel(Rows p, Rows ref, Rows al, Rows ba, const float* fro
     }
   }
   const T* xp = row_ptr<T>(p, i);
-  const float lse = row_lse(xp, p.vocab), z = to_f(xp[y]);
-  const float lp = z - lse, d = gamma * lp - k, w = weight[i];
+  const MS st = row_stats(xp, p.vocab);
+  const float lp = logp_of(to_f(xp[y]), st), d = gamma * lp - k, w = weight[i];
   if (threadIdx.x == 0) {
     logps[i] = lp;
     loss[i] = w * d * d;
   }
-  if (grad != nullptr) row_grad(xp, grad + i * p.vocab, p.vocab, lse, 2.f * gamma * w * d, y, z);
+  if (write_grad) row_grad(xp, row_ptr<T>(grad, i), p.vocab, st, 2.f * gamma * w * d, y, lp);
 }
 
 template <typename T>
-__global__ void scale_rows_kernel(T* grad, const float* scale, int64_t V) {
-  const int64_t i = blockIdx.x;
+__global__ void scale_rows_kernel(Rows grad, const float* scale) {
+  const int64_t i = blockIdx.x, V = grad.vocab;
   const float s = scale[i];
   if (s == 1.f) return;
-  T* row = grad + i * V;
+  T* row = row_ptr<T>(grad, i);
   for (int64_t j = threadIdx.x; j < V; j += kThreads) row[j] = static_cast<T>(to_f(row[j]) * s);
 }
 
@@ -230,49 +242,58 @@ void dispatch_dtype(at::ScalarType dtype, F&& f) {
   wspo::dispatch_dtype(dtype, "CUDA kernels", std::forward<F>(f));
 }
 
-Rows rows_of(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.dim() == 2 && t.stride(1) == 1, name, " must be a CUDA [N, V] tensor, unit stride in V");
-  return Rows{t.data_ptr(), t.stride(0), t.size(1)};
+Rows rows_of(const Tensor& t, int64_t n, const char* name) {
+  TORCH_CHECK(t.is_cuda() && (t.dim() == 2 || t.dim() == 3) && t.stride(-1) == 1, name,
+              " must be a CUDA [N, V] or [B, T, V] tensor with unit stride along V");
+  const int64_t rows = t.numel() / std::max<int64_t>(t.size(-1), 1);
+  TORCH_CHECK(rows == n, name, " has ", rows, " rows, labels have ", n);
+  if (t.dim() == 3) return Rows{t.data_ptr(), t.stride(0), t.stride(1), std::max<int64_t>(t.size(1), 1), t.size(2)};
+  return Rows{t.data_ptr(), 0, t.stride(0), std::max<int64_t>(n, 1), t.size(1)};
 }
 
-void check_labels(const Tensor& labels, int64_t n) {
-  TORCH_CHECK(labels.is_cuda() && labels.dim() == 1 && labels.size(0) == n && labels.scalar_type() == at::kLong &&
-                  labels.is_contiguous(), "labels must be contiguous CUDA int64 [N]");
+void check_labels(const Tensor& labels) {
+  TORCH_CHECK(labels.is_cuda() && labels.dim() == 1 && labels.scalar_type() == at::kLong && labels.is_contiguous(),
+              "labels must be contiguous CUDA int64 [N]");
+}
+
+// An output gradient buffer: the logits' dtype and vocabulary, unit stride along V, any row strides.
+Rows grad_rows(const Tensor& grad, const Tensor& like, int64_t n, const char* name) {
+  TORCH_CHECK(grad.scalar_type() == like.scalar_type() && grad.size(-1) == like.size(-1), name,
+              " must have the logits' dtype and vocabulary size");
+  return rows_of(grad, n, name);
 }
 
 Tensor f32(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 std::tuple<Tensor, Tensor> logprobs(const Tensor& logits, const Tensor& labels, int64_t ignore_index) {
-  const Rows r = rows_of(logits, "logits");
-  const int64_t n = logits.size(0);
-  check_labels(labels, n);
+  check_labels(labels);
+  const int64_t n = labels.size(0);
+  const Rows r = rows_of(logits, n, "logits");
   const c10::cuda::CUDAGuard guard(logits.device());
   auto opts = logits.options().dtype(at::kFloat);
-  Tensor logp = at::empty({n}, opts), lse = at::empty({n}, opts);
-  if (n == 0) return {logp, lse};
+  Tensor logp = at::empty({n}, opts), stats = at::empty({2, n}, opts);
+  if (n == 0) return {logp, stats};
   dispatch_dtype(logits.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     logprobs_kernel<T><<<n, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        r, labels.data_ptr<int64_t>(), ignore_index, logp.data_ptr<float>(), lse.data_ptr<float>());
+        r, labels.data_ptr<int64_t>(), ignore_index, logp.data_ptr<float>(), stats.data_ptr<float>(), n);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {logp, lse};
+  return {logp, stats};
 }
 
-Tensor logprobs_backward(const Tensor& logits, const Tensor& labels, const Tensor& lse, const Tensor& grad_logp,
+Tensor logprobs_backward(const Tensor& logits, const Tensor& labels, const Tensor& stats, const Tensor& grad_logp,
                          int64_t ignore_index, Tensor out) {
-  const Rows r = rows_of(logits, "logits");
-  const int64_t n = logits.size(0);
-  check_labels(labels, n);
-  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == logits.scalar_type() && out.sizes() == logits.sizes(),
-              "out must be contiguous with the logits' shape and dtype");
+  check_labels(labels);
+  const int64_t n = labels.size(0);
+  const Rows r = rows_of(logits, n, "logits"), o = grad_rows(out, logits, n, "out");
   const c10::cuda::CUDAGuard guard(logits.device());
   if (n == 0) return out;
-  Tensor l = f32(lse), g = f32(grad_logp);
+  Tensor st = f32(stats), g = f32(grad_logp);
   dispatch_dtype(logits.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     logprobs_backward_kernel<T><<<n, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        r, labels.data_ptr<int64_t>(), ignore_index, l.data_ptr<float>(), g.data_ptr<float>(), out.data_ptr<T>());
+        r, labels.data_ptr<int64_t>(), ignore_index, st.data_ptr<float>(), n, g.data_ptr<float>(), o);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -280,9 +301,9 @@ Tensor logprobs_backward(const Tensor& logits, const Tensor& labels, const Tenso
 
 Tensor weak_log_ratio(const Tensor& aligned, const Tensor& base, const Tensor& labels, int64_t ignore_index) {
   TORCH_CHECK(aligned.scalar_type() == base.scalar_type(), "aligned and base logits must share a dtype");
-  const Rows ra = rows_of(aligned, "aligned"), rb = rows_of(base, "base");
-  const int64_t n = aligned.size(0);
-  check_labels(labels, n);
+  check_labels(labels);
+  const int64_t n = labels.size(0);
+  const Rows ra = rows_of(aligned, n, "aligned"), rb = rows_of(base, n, "base");
   const c10::cuda::CUDAGuard guard(aligned.device());
   Tensor out = at::empty({n}, aligned.options().dtype(at::kFloat));
   if (n == 0) return out;
@@ -295,29 +316,20 @@ Tensor weak_log_ratio(const Tensor& aligned, const Tensor& base, const Tensor& l
   return out;
 }
 
-template <typename T>
-T* grad_ptr(const c10::optional<Tensor>& grad, const Tensor& policy) {
-  if (!grad.has_value()) return nullptr;
-  TORCH_CHECK(grad->scalar_type() == policy.scalar_type() && grad->sizes() == policy.sizes() &&
-                  grad->stride(1) == 1 && grad->stride(0) == policy.size(1),
-              "grad must be a contiguous [N, V] buffer of the policy's dtype");
-  return grad->data_ptr<T>();
-}
-
 std::tuple<Tensor, Tensor> wspo(const Tensor& policy, const Tensor* frozen, const c10::optional<Tensor>& k,
                                 const Tensor& labels, const Tensor& weight, double gamma, int64_t ignore_index,
                                 const c10::optional<Tensor>& grad) {
-  const Rows p = rows_of(policy, "policy");
-  const int64_t n = policy.size(0);
-  check_labels(labels, n);
+  check_labels(labels);
+  const int64_t n = labels.size(0);
+  const Rows p = rows_of(policy, n, "policy");
   Rows fr[3] = {p, p, p};
   if (frozen != nullptr) {
     for (int m = 0; m < 3; ++m) {
       TORCH_CHECK(frozen[m].scalar_type() == policy.scalar_type(), "the one-pass kernel needs one dtype for all four");
-      TORCH_CHECK(frozen[m].size(0) == n, "row count mismatch");
-      fr[m] = rows_of(frozen[m], "frozen logits");
+      fr[m] = rows_of(frozen[m], n, "frozen logits");
     }
   }
+  const Rows gr = grad.has_value() ? grad_rows(*grad, policy, n, "grad") : p;
   const c10::cuda::CUDAGuard guard(policy.device());
   auto opts = policy.options().dtype(at::kFloat);
   Tensor loss = at::empty({n}, opts), logps = at::empty({frozen ? 4 : 1, n}, opts);
@@ -328,7 +340,7 @@ std::tuple<Tensor, Tensor> wspo(const Tensor& policy, const Tensor* frozen, cons
     wspo_kernel<T><<<n, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         p, fr[0], fr[1], fr[2], k.has_value() ? kk.data_ptr<float>() : nullptr, labels.data_ptr<int64_t>(),
         w.data_ptr<float>(), static_cast<float>(gamma), ignore_index, loss.data_ptr<float>(), logps.data_ptr<float>(),
-        n, grad_ptr<T>(grad, policy));
+        n, gr, grad.has_value());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {loss, frozen ? logps : logps[0]};
@@ -346,16 +358,17 @@ std::tuple<Tensor, Tensor> wspo_four(const Tensor& policy, const Tensor& ref, co
   return wspo(policy, frozen, c10::nullopt, labels, weight, gamma, ignore_index, grad);
 }
 
+// grad may be any non-overlapping rows layout (the policy logits themselves with inplace_grad).
 void scale_rows_(Tensor grad, const Tensor& scale) {
-  TORCH_CHECK(grad.is_cuda() && grad.dim() == 2 && grad.is_contiguous(), "grad must be a contiguous CUDA [N, V]");
-  const int64_t n = grad.size(0);
+  TORCH_CHECK(scale.dim() == 1, "scale must be [N]");
+  const int64_t n = scale.size(0);
+  const Rows r = rows_of(grad, n, "grad");
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(grad.device());
   Tensor s = f32(scale);
   dispatch_dtype(grad.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    scale_rows_kernel<T><<<n, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(grad.data_ptr<T>(), s.data_ptr<float>(),
-                                                                                grad.size(1));
+    scale_rows_kernel<T><<<n, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(r, s.data_ptr<float>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

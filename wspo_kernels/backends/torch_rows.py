@@ -1,36 +1,42 @@
 """Portable backend: the row kernels in plain PyTorch, chunked so nothing of size N*V is allocated.
 
 This module is also the readable statement of every algorithm the other backends implement.  All
-kernels work on rows: ``logits [N, V]`` (unit stride in V), ``labels [N]`` already shifted, rows with
-``labels == ignore_index`` contribute 0.  Accumulation is float32 (float64 for float64 inputs).
+kernels work on rows: logits ``[N, V]`` or ``[B, T, V]`` (unit stride in V, any strides across rows:
+the public functions pass a view as it is whenever a kernel can address it, see ``_inputs.rows_of``),
+``labels [N]`` already shifted, rows with ``labels == ignore_index`` contribute 0 and their values
+are never used (NaN or inf there changes nothing).  Accumulation is float32 (float64 for float64).
 
-Online log-sum-exp (one read of the row, in blocks of ``VOCAB_BLOCK`` columns): each block's
-log-sum-exp is merged into a running one,
+Row statistics, one read of the row in blocks of ``VOCAB_BLOCK`` columns, merged online:
 
-    lse' = logaddexp(lse, logsumexp_{j in block} z_j)        (lse starts at -inf)
+    m' = max(m, max_{j in block} z_j);   s' = s * exp(m - m') + sum_{j in block} exp(z_j - m')
 
-the label logit z_y is gathered from the same rows, and ``logp = z_y - lse``.
+kept as the pair (m, s) ("stats", ``[2, N]``), never folded into lse = m + log(s): for logits with a
+large common offset that sum rounds to the offset's ulp, while
 
-WSPO gradient in forward: with ``w_t`` the per-token weight of the reduction (m_t / n_b / B') and
-``k_t = gamma * l^ref_t + l^aligned_t - l^base_t`` (constants for the policy),
+    logp = (z_y - m) - log(s)          softmax_v = exp(z_v - m) / s
+
+stay exact.  WSPO gradient in forward: with ``w_t`` the per-token weight of the reduction
+(m_t / n_b / B') and ``k_t = gamma * l^ref_t + l^aligned_t - l^base_t`` (constants for the policy),
 
     d_t = gamma * logp_t - k_t,   loss_t = w_t * d_t^2,   c_t = 2 * gamma * w_t * d_t
-    dL/dz_{t,v} = c_t * (1[v = y_t] - exp(z_{t,v} - lse_t))
+    dL/dz_{t,v} = -c_t * exp(z_{t,v} - m_t) / s_t   (v != y_t),    dL/dz_{t,y} = -c_t * expm1(logp_t)
 
-so the policy row is swept twice (lse, then the gradient) and nothing is saved but the gradient.
+(expm1: no cancellation as p_y -> 1), so the policy row is swept twice (statistics, then the
+gradient) and nothing is saved but the gradient.
 
 The contract every backend module implements:
 
-    logprobs(logits, labels, ignore_index) -> (logp [N], lse [N])
-    logprobs_backward(logits, labels, lse, grad_logp, ignore_index, out) -> out      (dL/dlogits)
+    logprobs(logits, labels, ignore_index) -> (logp [N], stats [2, N])      stats: (m, s); (0, 1) if ignored
+    logprobs_backward(logits, labels, stats, grad_logp, ignore_index, out) -> out      (dL/dlogits)
     weak_log_ratio(aligned, base, labels, ignore_index) -> l^a - l^w [N]            (vocab may differ)
     wspo_rows(policy, labels, k, weight, gamma, ignore_index, grad) -> (loss_t [N], logp [N])
     wspo_four(policy, ref, aligned, base, labels, weight, gamma, ignore_index, grad)
         -> (loss_t [N], logps [4, N])            (rows of logps: policy, ref, aligned, base)
     scale_rows_(grad, scale)                     grad[i, :] *= scale[i], in place, float32 math
 
-``grad`` is an ``[N, V]`` tensor the gradient is written into (it may be ``policy`` itself, for an
-in-place gradient), or None when no gradient is needed.
+``grad`` / ``out`` is a tensor of the logits' shape (``[N, V]`` or ``[B, T, V]``, unit stride in V,
+rows that do not overlap) the gradient is written into -- it may be ``policy`` itself, for an
+in-place gradient -- or None when no gradient is needed.  Inputs may differ in dtype.
 """
 import torch
 
@@ -46,43 +52,71 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype):
     return None
 
 
-def _row_blocks(n_rows: int):
-    for r0 in range(0, n_rows, ROW_BLOCK):
-        yield slice(r0, min(r0 + ROW_BLOCK, n_rows))
+def _row_blocks(n_rows: int, seq_len=None):
+    """Slices of at most ROW_BLOCK rows; with ``seq_len`` (a [B, T, V] operand) none crosses a sequence."""
+    if seq_len is None:
+        for r0 in range(0, n_rows, ROW_BLOCK):
+            yield slice(r0, min(r0 + ROW_BLOCK, n_rows))
+        return
+    for s0 in range(0, n_rows, seq_len):
+        for r0 in range(s0, s0 + seq_len, ROW_BLOCK):
+            yield slice(r0, min(r0 + ROW_BLOCK, s0 + seq_len))
 
 
-def _lse_and_logp(x: torch.Tensor, labels: torch.Tensor, ignore_index: int):
-    """Online log-sum-exp over vocab blocks for a block of rows; returns (lse, logp), logp 0 if ignored."""
+def _seq_len(*tensors):
+    """T of the [B, T, V] operands (they share the label grid), None when every operand is [N, V]."""
+    return next((t.shape[1] for t in tensors if t is not None and t.dim() == 3), None)
+
+
+def _take(x, r: slice, seq_len):
+    """Rows ``r`` of an [N, V] or [B, T, V] operand as an [n, V] view (``r`` stays inside one sequence)."""
+    if x.dim() == 2:
+        return x[r]
+    b = r.start // seq_len
+    return x[b, r.start - b * seq_len:r.stop - b * seq_len]
+
+
+def _stats_and_logp(x: torch.Tensor, labels: torch.Tensor, ignore_index: int):
+    """Row statistics (m, s) over vocab blocks for a block of rows, and logp; (0, 1, 0) on ignored rows."""
     acc = _acc_dtype(x)
-    lse = torch.full((x.shape[0],), float("-inf"), dtype=acc, device=x.device)
+    m = torch.full((x.shape[0],), float("-inf"), dtype=acc, device=x.device)
+    s = torch.zeros(x.shape[0], dtype=acc, device=x.device)
     for v0 in range(0, x.shape[1], VOCAB_BLOCK):
-        lse = torch.logaddexp(lse, torch.logsumexp(x[:, v0:v0 + VOCAB_BLOCK].to(acc), dim=1))
+        xb = x[:, v0:v0 + VOCAB_BLOCK].to(acc)
+        m_new = torch.maximum(m, xb.amax(1))
+        shift = torch.where(m_new == float("-inf"), torch.zeros_like(m_new), m_new)  # all -inf so far: no rescale
+        s = s * torch.exp(m - shift) + torch.exp(xb - shift[:, None]).sum(1)
+        m = m_new
     mask = labels != ignore_index
     safe = torch.where(mask, labels, torch.zeros_like(labels))
     z_y = x.gather(1, safe[:, None]).squeeze(1).to(acc)
-    logp = torch.where(mask, z_y - lse, torch.zeros_like(lse))
-    return lse, logp
+    logp = torch.where(mask, (z_y - m) - torch.log(s), torch.zeros_like(m))
+    m = torch.where(mask, m, torch.zeros_like(m))
+    s = torch.where(mask, s, torch.ones_like(s))
+    return m, s, logp
 
 
-def _write_grad(x, labels, lse, coef, ignore_index, out):
-    """out = coef * (onehot(label) - softmax(x)), block by block; rows with coef == 0 get zeros.
+def _write_grad(x, labels, m, s, logp, coef, ignore_index, out):
+    """out = coef * (onehot(label) - exp(x - m) / s), block by block; ignored rows get zeros.
 
     ``out`` may be ``x`` itself: each block is read before it is overwritten.
     """
     acc = _acc_dtype(x)
     mask = labels != ignore_index
-    # Ignored rows get exp(z - inf) = 0: their lse may be anything (-inf, or unrelated to huge z).
-    safe_lse = torch.where(mask, lse, torch.full_like(lse, float("inf")))[:, None]
-    neg_coef = torch.where(mask, -coef, torch.zeros_like(coef))[:, None]
+    ignored = ~mask[:, None]
+    m_col = m[:, None]
+    scale = torch.where(mask, -coef / s, torch.zeros_like(coef))[:, None]
+    label_value = (-coef * torch.expm1(logp))[:, None]
     for v0 in range(0, x.shape[1], VOCAB_BLOCK):
         o = out[:, v0:v0 + VOCAB_BLOCK]
         # Write straight into ``out`` when it already has the accumulation dtype.
         g = o if o.dtype == acc else torch.empty(o.shape, dtype=acc, device=o.device)
-        torch.sub(x[:, v0:v0 + VOCAB_BLOCK].to(acc), safe_lse, out=g).exp_().mul_(neg_coef)
+        torch.sub(x[:, v0:v0 + VOCAB_BLOCK], m_col, out=g).exp_().mul_(scale)
+        g.masked_fill_(ignored, 0.0)  # NaN / inf in an ignored row must not leak (0 * NaN)
         local = labels - v0
-        hit = mask & (local >= 0) & (local < g.shape[1])
-        g.scatter_add_(1, torch.where(hit, local, torch.zeros_like(local))[:, None],
-                       torch.where(hit[:, None], -neg_coef, torch.zeros_like(neg_coef)))
+        hit = (mask & (local >= 0) & (local < g.shape[1]))[:, None]
+        idx = torch.where(hit, local[:, None], torch.zeros_like(local[:, None]))
+        g.scatter_(1, idx, torch.where(hit, label_value, g.gather(1, idx)))
         if g is not o:
             o.copy_(g)
     return out
@@ -90,67 +124,81 @@ def _write_grad(x, labels, lse, coef, ignore_index, out):
 
 def logprobs(logits, labels, ignore_index):
     acc = _acc_dtype(logits)
-    n = logits.shape[0]
-    lse = torch.empty(n, dtype=acc, device=logits.device)
+    n = labels.shape[0]
+    stats = torch.empty(2, n, dtype=acc, device=logits.device)
     logp = torch.empty(n, dtype=acc, device=logits.device)
-    for r in _row_blocks(n):
-        lse[r], logp[r] = _lse_and_logp(logits[r], labels[r], ignore_index)
-    return logp, lse
+    T = _seq_len(logits)
+    for r in _row_blocks(n, T):
+        stats[0, r], stats[1, r], logp[r] = _stats_and_logp(_take(logits, r, T), labels[r], ignore_index)
+    return logp, stats
 
 
-def logprobs_backward(logits, labels, lse, grad_logp, ignore_index, out):
-    for r in _row_blocks(logits.shape[0]):
-        _write_grad(logits[r], labels[r], lse[r], grad_logp[r].to(lse.dtype), ignore_index, out[r])
+def logprobs_backward(logits, labels, stats, grad_logp, ignore_index, out):
+    T = _seq_len(logits, out)
+    for r in _row_blocks(labels.shape[0], T):
+        x = _take(logits, r, T)
+        m, s = stats[0, r], stats[1, r]
+        mask = labels[r] != ignore_index
+        z_y = x.gather(1, torch.where(mask, labels[r], 0)[:, None]).squeeze(1).to(m.dtype)
+        logp = torch.where(mask, (z_y - m) - torch.log(s), torch.zeros_like(m))
+        _write_grad(x, labels[r], m, s, logp, grad_logp[r].to(m.dtype), ignore_index, _take(out, r, T))
     return out
 
 
 def weak_log_ratio(aligned, base, labels, ignore_index):
-    out = torch.empty(aligned.shape[0], dtype=_acc_dtype(aligned), device=aligned.device)
-    for r in _row_blocks(aligned.shape[0]):
-        _, la = _lse_and_logp(aligned[r], labels[r], ignore_index)
-        _, lw = _lse_and_logp(base[r], labels[r], ignore_index)
-        out[r] = la - lw.to(la.dtype)
+    acc = torch.promote_types(_acc_dtype(aligned), _acc_dtype(base))
+    out = torch.empty(labels.shape[0], dtype=acc, device=aligned.device)
+    T = _seq_len(aligned, base)
+    for r in _row_blocks(labels.shape[0], T):
+        la = _stats_and_logp(_take(aligned, r, T), labels[r], ignore_index)[2]
+        lw = _stats_and_logp(_take(base, r, T), labels[r], ignore_index)[2]
+        out[r] = la.to(acc) - lw.to(acc)
     return out
 
 
 def _policy_block(policy, labels, k, weight, gamma, ignore_index, grad):
-    lse, logp = _lse_and_logp(policy, labels, ignore_index)
+    m, s, logp = _stats_and_logp(policy, labels, ignore_index)
     d = gamma * logp - k.to(logp.dtype)
     w = weight.to(logp.dtype)
     if grad is not None:
-        _write_grad(policy, labels, lse, 2.0 * gamma * w * d, ignore_index, grad)
+        _write_grad(policy, labels, m, s, logp, 2.0 * gamma * w * d, ignore_index, grad)
     return w * d * d, logp
 
 
 def wspo_rows(policy, labels, k, weight, gamma, ignore_index, grad):
-    n = policy.shape[0]
+    n = labels.shape[0]
     acc = _acc_dtype(policy)
     loss = torch.empty(n, dtype=acc, device=policy.device)
     logp = torch.empty(n, dtype=acc, device=policy.device)
-    for r in _row_blocks(n):
-        loss[r], logp[r] = _policy_block(policy[r], labels[r], k[r], weight[r], gamma, ignore_index,
-                                         None if grad is None else grad[r])
+    T = _seq_len(policy, grad)
+    for r in _row_blocks(n, T):
+        loss[r], logp[r] = _policy_block(_take(policy, r, T), labels[r], k[r], weight[r], gamma, ignore_index,
+                                         None if grad is None else _take(grad, r, T))
     return loss, logp
 
 
 def wspo_four(policy, ref, aligned, base, labels, weight, gamma, ignore_index, grad):
-    n = policy.shape[0]
+    n = labels.shape[0]
     acc = _acc_dtype(policy)
     loss = torch.empty(n, dtype=acc, device=policy.device)
     logps = torch.empty(4, n, dtype=acc, device=policy.device)
-    for r in _row_blocks(n):
+    T = _seq_len(policy, ref, aligned, base, grad)
+    for r in _row_blocks(n, T):
         for i, frozen in enumerate((ref, aligned, base), start=1):
-            logps[i, r] = _lse_and_logp(frozen[r], labels[r], ignore_index)[1]
+            logps[i, r] = _stats_and_logp(_take(frozen, r, T), labels[r], ignore_index)[2]
         k = gamma * logps[1, r] + logps[2, r] - logps[3, r]
-        loss[r], logps[0, r] = _policy_block(policy[r], labels[r], k, weight[r], gamma, ignore_index,
-                                             None if grad is None else grad[r])
+        loss[r], logps[0, r] = _policy_block(_take(policy, r, T), labels[r], k, weight[r], gamma, ignore_index,
+                                             None if grad is None else _take(grad, r, T))
     return loss, logps
 
 
 def scale_rows_(grad, scale):
     acc = _acc_dtype(grad)
-    if grad.dtype == acc:
-        return grad.mul_(scale.to(acc)[:, None])
-    for r in _row_blocks(grad.shape[0]):  # bounded float temporaries for bf16 / fp16 gradients
-        grad[r].copy_(grad[r].to(acc).mul_(scale[r, None].to(acc)))
+    T = _seq_len(grad)
+    for r in _row_blocks(scale.shape[0], T):  # bounded float temporaries for bf16 / fp16 gradients
+        g = _take(grad, r, T)
+        if g.dtype == acc:
+            g.mul_(scale[r, None].to(acc))
+        else:
+            g.copy_(g.to(acc).mul_(scale[r, None].to(acc)))
     return grad

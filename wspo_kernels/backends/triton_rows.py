@@ -2,18 +2,20 @@
 
 Math (see ``torch_rows`` for the contract; here in the exp2 form):
 
-    online log-sum-exp over vocab blocks of BLOCK columns, for a row z (log2e = 1/ln 2):
+    row statistics over vocab blocks of BLOCK columns, for a row z (log2e = 1/ln 2):
         m' = max(m, max_j z_j);   s' = s * 2^((m - m') log2e) + sum_j 2^((z_j - m') log2e)
-        lse = m + ln(s)
-    logp = z_y - lse                       (z_y loaded directly; ignore_index rows do no work)
+    logp = (z_y - m) - ln(s)               (z_y loaded directly; ignore_index rows are never read)
     WSPO: d = gamma * logp^policy - k,  k = gamma * l^ref + l^aligned - l^base (read from the frozen
           rows in the same program, or given), loss = w d^2, and in a second sweep of the policy row
-          grad_v = c (1[v = y] - 2^((z_v - lse) log2e)),  c = 2 gamma w d.
+          grad_v = -c 2^((z_v - m) log2e) / s,  grad_y = -c expm1(logp),  c = 2 gamma w d.
 
-Nothing is saved but what the caller keeps (the lse for logprobs, the gradient for WSPO); the
-gradient may be written over the policy logits.  Row offsets are int64; accumulation is fp32.
-Every kernel also runs under ``TRITON_INTERPRET=1`` on CPU tensors (how CI tests it).
+Rows are addressed as (b, t) = (row // T, row % T) with each operand's own strides, so views of a
+wider vocabulary, transposed or expanded logits are read where they lie, and the gradient is written
+with the gradient buffer's own strides (it may be the policy logits).  Row offsets are int64;
+accumulation is fp32.  Launches run under the operands' CUDA device.  Every kernel also runs under
+``TRITON_INTERPRET=1`` on CPU tensors (how CI tests it).
 """
+import contextlib
 import os
 
 import torch
@@ -47,11 +49,22 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype):
 
 
 if triton is not None:
-    from . import triton_linear as linear  # logits-free kernels for the hidden-state forms
+    @triton.jit
+    def _row_ptr(base, row, outer_stride, inner_stride, inner):
+        """Row ``row`` of an [N, V] (outer_stride 0, inner N) or [B, T, V] (inner T) operand; int64 offsets."""
+        return base + (row // inner) * outer_stride + (row % inner) * inner_stride
 
     @triton.jit
-    def _row_lse(x_ptr, V, BLOCK: tl.constexpr):
-        """Online log-sum-exp of one row (fp32)."""
+    def _expm1(x):
+        """exp(x) - 1 without cancellation near 0 (Kahan: (u - 1) * x / log(u), u = exp(x))."""
+        u = tl.exp(x)
+        um1 = u - 1.0
+        log_u = tl.log(tl.where((u == 1.0) | (um1 == -1.0), 2.0, u))  # finite in the branches not taken
+        return tl.where(u == 1.0, x, tl.where(um1 == -1.0, -1.0, um1 * x / log_u))
+
+    @triton.jit
+    def _row_stats(x_ptr, V, BLOCK: tl.constexpr):
+        """(max m, sum of exp(z - m)) of one row, in fp32, merged online over blocks."""
         offs = tl.arange(0, BLOCK)
         m = -float("inf")
         s = 0.0
@@ -62,17 +75,19 @@ if triton is not None:
             s = s * tl.exp2((m - shift) * 1.4426950408889634) + tl.sum(tl.exp2((x - shift) * 1.4426950408889634),
                                                                      axis=0)
             m = m_new
-        return tl.where(m == -float("inf"), m, m + tl.log2(s) * 0.6931471805599453)
+        return m, s
 
     @triton.jit
-    def _row_grad(x_ptr, out_ptr, V, lse, coef, y, BLOCK: tl.constexpr):
-        """out = coef * (onehot(y) - exp(x - lse)); out may be x (each block is read before written)."""
+    def _row_grad(x_ptr, out_ptr, V, m, s, coef, y, logp, BLOCK: tl.constexpr):
+        """out = coef * (onehot(y) - exp(x - m) / s); out may be x (each block is read before written)."""
         offs = tl.arange(0, BLOCK)
+        scale = -coef / s
+        label_value = -coef * _expm1(logp)
         for v0 in range(0, V, BLOCK):
             cols = v0 + offs
             x = tl.load(x_ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
-            g = -coef * tl.exp2((x - lse) * 1.4426950408889634)
-            g = tl.where(cols == y, g + coef, g)
+            g = scale * tl.exp2((x - m) * 1.4426950408889634)
+            g = tl.where(cols == y, label_value, g)
             tl.store(out_ptr + cols, g.to(out_ptr.dtype.element_ty), mask=cols < V)
 
     @triton.jit
@@ -82,46 +97,57 @@ if triton is not None:
             tl.store(out_ptr + v0 + offs, tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty), mask=v0 + offs < V)
 
     @triton.jit
-    def _logprobs_kernel(x_ptr, stride, V, labels_ptr, ignore_index, logp_ptr, lse_ptr, BLOCK: tl.constexpr):
+    def _logprobs_kernel(x_ptr, x_s0, x_s1, x_t, V, labels_ptr, ignore_index, logp_ptr, stats_ptr, n_rows,
+                         BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         y = tl.load(labels_ptr + row)
         if y == ignore_index:
             tl.store(logp_ptr + row, 0.0)
-            tl.store(lse_ptr + row, 0.0)
+            tl.store(stats_ptr + row, 0.0)
+            tl.store(stats_ptr + n_rows + row, 1.0)
             return
-        x_row = x_ptr + row * stride
-        lse = _row_lse(x_row, V, BLOCK)
-        tl.store(lse_ptr + row, lse)
-        tl.store(logp_ptr + row, tl.load(x_row + y).to(tl.float32) - lse)
+        x_row = _row_ptr(x_ptr, row, x_s0, x_s1, x_t)
+        m, s = _row_stats(x_row, V, BLOCK)
+        tl.store(stats_ptr + row, m)
+        tl.store(stats_ptr + n_rows + row, s)
+        tl.store(logp_ptr + row, (tl.load(x_row + y).to(tl.float32) - m) - tl.log(s))
 
     @triton.jit
-    def _logprobs_backward_kernel(x_ptr, stride, V, labels_ptr, ignore_index, lse_ptr, g_ptr, out_ptr,
-                                  BLOCK: tl.constexpr):
+    def _logprobs_backward_kernel(x_ptr, x_s0, x_s1, x_t, V, labels_ptr, ignore_index, stats_ptr, n_rows, g_ptr,
+                                  out_ptr, o_s0, o_s1, o_t, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         y = tl.load(labels_ptr + row)
-        out_row = out_ptr + row * V
+        out_row = _row_ptr(out_ptr, row, o_s0, o_s1, o_t)
         if y == ignore_index:
             _zero_row(out_row, V, BLOCK)
             return
-        _row_grad(x_ptr + row * stride, out_row, V, tl.load(lse_ptr + row), tl.load(g_ptr + row), y, BLOCK)
+        x_row = _row_ptr(x_ptr, row, x_s0, x_s1, x_t)
+        m = tl.load(stats_ptr + row)
+        s = tl.load(stats_ptr + n_rows + row)
+        logp = (tl.load(x_row + y).to(tl.float32) - m) - tl.log(s)
+        _row_grad(x_row, out_row, V, m, s, tl.load(g_ptr + row), y, logp, BLOCK)
 
     @triton.jit
-    def _weak_log_ratio_kernel(a_ptr, a_stride, Va, b_ptr, b_stride, Vb, labels_ptr, ignore_index, out_ptr,
-                               BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    def _row_logp(x_row, V, y, BLOCK: tl.constexpr):
+        m, s = _row_stats(x_row, V, BLOCK)
+        return (tl.load(x_row + y).to(tl.float32) - m) - tl.log(s)
+
+    @triton.jit
+    def _weak_log_ratio_kernel(a_ptr, a_s0, a_s1, a_t, Va, b_ptr, b_s0, b_s1, b_t, Vb, labels_ptr, ignore_index,
+                               out_ptr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         y = tl.load(labels_ptr + row)
         if y == ignore_index:
             tl.store(out_ptr + row, 0.0)
             return
-        a_row = a_ptr + row * a_stride
-        b_row = b_ptr + row * b_stride
-        la = tl.load(a_row + y).to(tl.float32) - _row_lse(a_row, Va, BLOCK_A)
-        lb = tl.load(b_row + y).to(tl.float32) - _row_lse(b_row, Vb, BLOCK_B)
+        la = _row_logp(_row_ptr(a_ptr, row, a_s0, a_s1, a_t), Va, y, BLOCK_A)
+        lb = _row_logp(_row_ptr(b_ptr, row, b_s0, b_s1, b_t), Vb, y, BLOCK_B)
         tl.store(out_ptr + row, la - lb)
 
     @triton.jit
-    def _wspo_kernel(p_ptr, p_stride, V, r_ptr, r_stride, Vr, a_ptr, a_stride, Va, b_ptr, b_stride, Vb, k_ptr,
-                     labels_ptr, w_ptr, gamma, ignore_index, loss_ptr, logps_ptr, n_rows, grad_ptr,
+    def _wspo_kernel(p_ptr, p_s0, p_s1, p_t, V, r_ptr, r_s0, r_s1, r_t, Vr, a_ptr, a_s0, a_s1, a_t, Va,
+                     b_ptr, b_s0, b_s1, b_t, Vb, k_ptr, labels_ptr, w_ptr, gamma, ignore_index, loss_ptr, logps_ptr,
+                     n_rows, grad_ptr, g_s0, g_s1, g_t,
                      FOUR: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_F: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         y = tl.load(labels_ptr + row)
@@ -133,42 +159,40 @@ if triton is not None:
                 tl.store(logps_ptr + 2 * n_rows + row, 0.0)
                 tl.store(logps_ptr + 3 * n_rows + row, 0.0)
             if WRITE_GRAD:
-                _zero_row(grad_ptr + row * V, V, BLOCK)
+                _zero_row(_row_ptr(grad_ptr, row, g_s0, g_s1, g_t), V, BLOCK)
             return
         if FOUR:
-            r_row = r_ptr + row * r_stride
-            a_row = a_ptr + row * a_stride
-            b_row = b_ptr + row * b_stride
-            lr = tl.load(r_row + y).to(tl.float32) - _row_lse(r_row, Vr, BLOCK_F)
-            la = tl.load(a_row + y).to(tl.float32) - _row_lse(a_row, Va, BLOCK_F)
-            lb = tl.load(b_row + y).to(tl.float32) - _row_lse(b_row, Vb, BLOCK_F)
+            lr = _row_logp(_row_ptr(r_ptr, row, r_s0, r_s1, r_t), Vr, y, BLOCK_F)
+            la = _row_logp(_row_ptr(a_ptr, row, a_s0, a_s1, a_t), Va, y, BLOCK_F)
+            lb = _row_logp(_row_ptr(b_ptr, row, b_s0, b_s1, b_t), Vb, y, BLOCK_F)
             tl.store(logps_ptr + n_rows + row, lr)
             tl.store(logps_ptr + 2 * n_rows + row, la)
             tl.store(logps_ptr + 3 * n_rows + row, lb)
             k = gamma * lr + la - lb
         else:
             k = tl.load(k_ptr + row)
-        p_row = p_ptr + row * p_stride
-        lse = _row_lse(p_row, V, BLOCK)
-        z_y = tl.load(p_row + y).to(tl.float32)
-        d = gamma * (z_y - lse) - k
+        p_row = _row_ptr(p_ptr, row, p_s0, p_s1, p_t)
+        m, s = _row_stats(p_row, V, BLOCK)
+        logp = (tl.load(p_row + y).to(tl.float32) - m) - tl.log(s)
+        d = gamma * logp - k
         w = tl.load(w_ptr + row)
-        tl.store(logps_ptr + row, z_y - lse)
+        tl.store(logps_ptr + row, logp)
         tl.store(loss_ptr + row, w * d * d)
         if WRITE_GRAD:
-            _row_grad(p_row, grad_ptr + row * V, V, lse, 2.0 * gamma * w * d, y, BLOCK)
+            _row_grad(p_row, _row_ptr(grad_ptr, row, g_s0, g_s1, g_t), V, m, s, 2.0 * gamma * w * d, y, logp, BLOCK)
 
     @triton.jit
-    def _scale_rows_kernel(g_ptr, scale_ptr, V, BLOCK: tl.constexpr):
+    def _scale_rows_kernel(g_ptr, g_s0, g_s1, g_t, scale_ptr, V, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         s = tl.load(scale_ptr + row)
         if s == 1.0:
             return
+        g_row = _row_ptr(g_ptr, row, g_s0, g_s1, g_t)
         offs = tl.arange(0, BLOCK)
         for v0 in range(0, V, BLOCK):
             cols = v0 + offs
-            g = tl.load(g_ptr + row * V + cols, mask=cols < V, other=0.0).to(tl.float32)
-            tl.store(g_ptr + row * V + cols, (g * s).to(g_ptr.dtype.element_ty), mask=cols < V)
+            g = tl.load(g_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+            tl.store(g_row + cols, (g * s).to(g_ptr.dtype.element_ty), mask=cols < V)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -184,49 +208,65 @@ def _f32(n, like):
     return torch.empty(n, dtype=torch.float32, device=like.device)
 
 
+def _rows(x):
+    """(pointer, outer stride, inner stride, inner length) of an [N, V] or [B, T, V] operand: row i = (i // T, i % T)."""
+    if x.dim() == 3:
+        return x, x.stride(0), x.stride(1), max(x.shape[1], 1)
+    return x, 0, x.stride(0), max(x.shape[0], 1)
+
+
+def device_guard(x: torch.Tensor):
+    """Launch on the operands' device, not the current one (tensors on a second GPU)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def logprobs(logits, labels, ignore_index):
-    n, V = logits.shape
-    logp, lse = _f32(n, logits), _f32(n, logits)
+    n, V = labels.shape[0], logits.shape[-1]
+    logp, stats = _f32(n, logits), torch.empty(2, n, dtype=torch.float32, device=logits.device)
     if n:
         block = _block(V)
-        _logprobs_kernel[(n,)](logits, logits.stride(0), V, labels, ignore_index, logp, lse, BLOCK=block,
-                               num_warps=_warps(block))
-    return logp, lse
+        with device_guard(logits):
+            _logprobs_kernel[(n,)](*_rows(logits), V, labels, ignore_index, logp, stats, n, BLOCK=block,
+                                   num_warps=_warps(block))
+    return logp, stats
 
 
-def logprobs_backward(logits, labels, lse, grad_logp, ignore_index, out):
-    n, V = logits.shape
+def logprobs_backward(logits, labels, stats, grad_logp, ignore_index, out):
+    n, V = labels.shape[0], logits.shape[-1]
     if n:
         block = _block(V)
-        _logprobs_backward_kernel[(n,)](logits, logits.stride(0), V, labels, ignore_index, lse.float().contiguous(),
-                                        grad_logp.float().contiguous(), out, BLOCK=block, num_warps=_warps(block))
+        with device_guard(logits):
+            _logprobs_backward_kernel[(n,)](*_rows(logits), V, labels, ignore_index, stats.float().contiguous(), n,
+                                            grad_logp.float().contiguous(), *_rows(out), BLOCK=block,
+                                            num_warps=_warps(block))
     return out
 
 
 def weak_log_ratio(aligned, base, labels, ignore_index):
-    n = aligned.shape[0]
+    n = labels.shape[0]
     out = _f32(n, aligned)
     if n:
-        ba, bb = _block(aligned.shape[1]), _block(base.shape[1])
-        _weak_log_ratio_kernel[(n,)](aligned, aligned.stride(0), aligned.shape[1], base, base.stride(0),
-                                     base.shape[1], labels, ignore_index, out, BLOCK_A=ba, BLOCK_B=bb,
-                                     num_warps=_warps(max(ba, bb)))
+        ba, bb = _block(aligned.shape[-1]), _block(base.shape[-1])
+        with device_guard(aligned):
+            _weak_log_ratio_kernel[(n,)](*_rows(aligned), aligned.shape[-1], *_rows(base), base.shape[-1], labels,
+                                         ignore_index, out, BLOCK_A=ba, BLOCK_B=bb, num_warps=_warps(max(ba, bb)))
     return out
 
 
 def _wspo(policy, frozen, k, labels, weight, gamma, ignore_index, grad):
-    n, V = policy.shape
+    n, V = labels.shape[0], policy.shape[-1]
     loss = _f32(n, policy)
     logps = torch.empty(4 if frozen else 1, n, dtype=torch.float32, device=policy.device)
     if n:
         r, a, b = frozen if frozen else (policy, policy, policy)
         block = _block(V)
-        _wspo_kernel[(n,)](
-            policy, policy.stride(0), V, r, r.stride(0), r.shape[1], a, a.stride(0), a.shape[1], b, b.stride(0),
-            b.shape[1], loss if k is None else k.float().contiguous(), labels, weight.float().contiguous(),
-            float(gamma), ignore_index, loss, logps, n, policy if grad is None else grad,
-            FOUR=frozen is not None, WRITE_GRAD=grad is not None, BLOCK=block,
-            BLOCK_F=_block(max(r.shape[1], a.shape[1], b.shape[1])), num_warps=_warps(block))
+        with device_guard(policy):
+            _wspo_kernel[(n,)](
+                *_rows(policy), V, *_rows(r), r.shape[-1], *_rows(a), a.shape[-1], *_rows(b), b.shape[-1],
+                loss if k is None else k.float().contiguous(), labels, weight.float().contiguous(), float(gamma),
+                ignore_index, loss, logps, n, *_rows(policy if grad is None else grad),
+                FOUR=frozen is not None, WRITE_GRAD=grad is not None, BLOCK=block,
+                BLOCK_F=_block(max(r.shape[-1], a.shape[-1], b.shape[-1])), num_warps=_warps(block))
     return loss, (logps if frozen else logps[0])
 
 
@@ -239,8 +279,13 @@ def wspo_four(policy, ref, aligned, base, labels, weight, gamma, ignore_index, g
 
 
 def scale_rows_(grad, scale):
-    n, V = grad.shape
+    n, V = scale.shape[0], grad.shape[-1]
     if n:
         block = _block(V)
-        _scale_rows_kernel[(n,)](grad, scale.float().contiguous(), V, BLOCK=block, num_warps=_warps(block))
+        with device_guard(grad):
+            _scale_rows_kernel[(n,)](*_rows(grad), scale.float().contiguous(), V, BLOCK=block, num_warps=_warps(block))
     return grad
+
+
+if triton is not None:
+    from . import triton_linear as linear  # noqa: E402  logits-free kernels for the hidden-state forms (uses the above)
