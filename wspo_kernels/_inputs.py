@@ -61,11 +61,11 @@ INT64_RANGE = (-(2 ** 63), 2 ** 63 - 1)
 
 def check_gamma(gamma):
     """A finite real with |gamma| <= GAMMA_MAX; a symbolic float (torch.compile dynamic=True) is checked at run time."""
-    if isinstance(gamma, torch.SymFloat):
+    if isinstance(gamma, bool) or not isinstance(gamma, (numbers.Real, torch.SymFloat)):
+        raise TypeError(f"gamma must be a real number, got {type(gamma).__name__}")
+    if torch.compiler.is_compiling():  # may be symbolic (dynamic=True): a runtime assertion, no guard
         torch._check(abs(gamma) <= GAMMA_MAX, lambda: f"gamma must be finite with |gamma| <= {GAMMA_MAX:g}")
         return gamma
-    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
-        raise TypeError(f"gamma must be a real number, got {type(gamma).__name__}")
     if not (math.isfinite(gamma) and abs(gamma) <= GAMMA_MAX):
         raise ValueError(f"gamma must be finite with |gamma| <= {GAMMA_MAX:g}, got {gamma}")
     return float(gamma)
@@ -76,9 +76,9 @@ def check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def check_shift(shift) -> None:
-    if not isinstance(shift, bool):
-        raise TypeError(f"shift must be True or False, got {shift!r}")
+def check_flag(value, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def check_ignore_index(ignore_index) -> None:
@@ -168,8 +168,8 @@ class Layout(NamedTuple):
     def token_shape(self):
         """Shape of per-token outputs, exactly as token_logprobs returns them."""
         if self.seq_len is not None:
-            return (self.num_seqs, self.seq_len - 1 if self.shift else self.seq_len)
-        return (self.num_rows - 1 if self.shift and not self.packed else self.num_rows,)
+            return (self.num_seqs, max(self.seq_len - 1, 0) if self.shift else self.seq_len)
+        return (max(self.num_rows - 1, 0) if self.shift and not self.packed else self.num_rows,)
 
     def to_user(self, x: torch.Tensor) -> torch.Tensor:
         """[N] row values -> per-token output shape (drops the shifted-out last position)."""
@@ -223,7 +223,7 @@ def make_layout(labels: torch.Tensor, *, shift: bool, ignore_index: int,
                 cu_seqlens: Optional[torch.Tensor] = None) -> Layout:
     check_labels_tensor(labels)
     check_ignore_index(ignore_index)
-    check_shift(shift)
+    check_flag(shift, "shift")
     labels = labels.long().contiguous()  # kernels read labels with unit stride
     if cu_seqlens is not None:
         cu_seqlens = _as_cu_seqlens(cu_seqlens, labels)
@@ -251,7 +251,7 @@ def make_layout(labels: torch.Tensor, *, shift: bool, ignore_index: int,
         num_seqs = cu.numel() - 1
         seq_id = torch.repeat_interleave(torch.arange(num_seqs, device=labels.device), cu[1:] - cu[:-1],
                                          output_size=n_rows)
-    if shift:
+    if shift and n_rows:  # (an empty batch has nothing to shift)
         nxt = torch.cat([labels[1:], labels.new_full((1,), ignore_index)])
         if cu_seqlens is not None:  # the last row of every packed sequence has no target
             last = torch.cat([seq_id[1:] != seq_id[:-1], seq_id.new_ones(1, dtype=torch.bool)])

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from . import ops
-from ._inputs import (acc_dtype, check_float, check_gamma, check_labels_range, check_normalizer, check_reduction,
+from ._inputs import (acc_dtype, check_flag, check_float, check_gamma, check_labels_range, check_normalizer, check_reduction,
                       check_same_device, make_layout, rows_of, writable_in_place)
 from .dispatch import check_choice
 
@@ -182,6 +182,8 @@ def wspo_loss(policy_logits, labels, *, ref, weak_aligned, weak_base, gamma=0.1,
     the copy, and overlapping memory (an expanded tensor) gets a fresh gradient buffer.  Eager mode
     only: under torch.compile the regular path runs, with the same values.
     """
+    check_flag(return_metrics, "return_metrics")
+    check_flag(inplace_grad, "inplace_grad")
     gamma, normalizer, layout = _prepare(labels, gamma, ignore_index, shift, reduction, normalizer, cu_seqlens,
                                          backend)
     policy = rows_of(policy_logits, layout, "policy_logits")
@@ -225,6 +227,7 @@ def linear_wspo_loss(policy_hidden, lm_head_weight, labels, *, ref, weak_aligned
     Gradients w.r.t. ``policy_hidden``, ``lm_head_weight`` and ``bias`` (fp32 accumulation).  For
     "mean"/"sum" the gradient is written during the forward pass; "none" recomputes in the backward.
     """
+    check_flag(return_metrics, "return_metrics")
     gamma, normalizer, layout = _prepare(labels, gamma, ignore_index, shift, reduction, normalizer, cu_seqlens,
                                          backend)
     h = _linear_rows(policy_hidden, lm_head_weight, bias, layout, "policy")

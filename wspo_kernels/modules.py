@@ -1,7 +1,7 @@
-"""nn.Module forms of the losses: options fixed at construction, tensors at call time."""
+"""nn.Module forms of the losses: options fixed (and checked) at construction, tensors at call time."""
 import torch
 
-from ._inputs import check_gamma, check_reduction
+from ._inputs import check_flag, check_gamma, check_ignore_index, check_reduction
 from .api import linear_wspo_loss, wspo_loss
 from .dispatch import check_choice
 
@@ -12,6 +12,8 @@ class _WSPOBase(torch.nn.Module):
     def __init__(self, *, gamma=0.1, ignore_index=-100, shift=True, reduction="mean", backend=None):
         super().__init__()
         self.gamma = check_gamma(gamma)
+        check_ignore_index(ignore_index)
+        check_flag(shift, "shift")
         check_reduction(reduction)
         check_choice(backend)
         self.ignore_index, self.shift, self.reduction, self.backend = ignore_index, shift, reduction, backend
@@ -25,13 +27,25 @@ class _WSPOBase(torch.nn.Module):
 
 
 class WSPOLoss(_WSPOBase):
-    """``WSPOLoss(gamma=0.1)(policy_logits, labels, ref=..., weak_aligned=..., weak_base=...)``."""
+    """``WSPOLoss(gamma=0.1)(policy_logits, labels, ref=..., weak_aligned=..., weak_base=...)``.
+
+    Takes every option of :func:`wspo_loss`, including ``inplace_grad``.
+    """
+
+    def __init__(self, *, gamma=0.1, ignore_index=-100, shift=True, reduction="mean", inplace_grad=False,
+                 backend=None):
+        super().__init__(gamma=gamma, ignore_index=ignore_index, shift=shift, reduction=reduction, backend=backend)
+        check_flag(inplace_grad, "inplace_grad")
+        self.inplace_grad = inplace_grad
 
     def forward(self, policy_logits, labels, *, ref, weak_aligned, weak_base, normalizer=None, cu_seqlens=None,
                 return_metrics=False):
         return wspo_loss(policy_logits, labels, ref=ref, weak_aligned=weak_aligned, weak_base=weak_base,
                          normalizer=normalizer, cu_seqlens=cu_seqlens, return_metrics=return_metrics,
-                         **self._options())
+                         inplace_grad=self.inplace_grad, **self._options())
+
+    def extra_repr(self):
+        return super().extra_repr() + (", inplace_grad=True" if self.inplace_grad else "")
 
 
 class LinearWSPOLoss(_WSPOBase):
