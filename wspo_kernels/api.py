@@ -171,7 +171,8 @@ def wspo_loss(policy_logits, labels, *, ref, weak_aligned, weak_base, gamma=0.1,
     """The WSPO loss (DESIGN.md section 1) from the policy's logits; gradient w.r.t. the policy only.
 
     When ``ref``, ``weak_aligned`` and ``weak_base`` are all logits, one fused pass reads the four
-    logits once and writes the policy gradient in the same pass.  ``reduction`` is "mean" (over
+    logits once and writes the policy gradient in the same pass ("mean" / "sum"; "none" backprops
+    through the policy's logps, so a per-sequence upstream gradient rounds the gradient only once).  ``reduction`` is "mean" (over
     sequences with at least one token, or divided by ``normalizer``), "sum" or "none" (``[B]``).
     ``return_metrics=True`` returns a :class:`WSPOOutput`.
 
@@ -179,8 +180,10 @@ def wspo_loss(policy_logits, labels, *, ref, weak_aligned, weak_base, gamma=0.1,
     (no extra N x V memory; the logits' values are gone afterwards, use them before or not at all).
     That holds for any layout whose elements each have their own memory (contiguous, vocab-sliced,
     transposed); logits with a strided vocabulary are copied first and the gradient is written over
-    the copy, and overlapping memory (an expanded tensor) gets a fresh gradient buffer.  Eager mode
-    only: under torch.compile the regular path runs, with the same values.
+    the copy, and overlapping memory (an expanded tensor) gets a fresh gradient buffer.  With
+    ``reduction="none"`` the per-sequence upstream gradient scales the written gradient afterwards
+    (bf16/fp16: rounded twice, up to one ulp).  Eager mode only: under torch.compile the regular path
+    runs, with the same values.
     """
     check_flag(return_metrics, "return_metrics")
     check_flag(inplace_grad, "inplace_grad")
@@ -191,14 +194,23 @@ def wspo_loss(policy_logits, labels, *, ref, weak_aligned, weak_base, gamma=0.1,
     acc = acc_dtype(policy)
     w_t = layout.token_weights(reduction, normalizer, acc)
     compute_grad = torch.is_grad_enabled() and policy_logits.requires_grad
+    in_place = inplace_grad and compute_grad and not torch.compiler.is_compiling() and writable_in_place(policy)
+    # Per-sequence losses get per-sequence upstream gradients: a gradient written in the forward pass
+    # would be scaled, and in bf16/fp16 rounded, a second time.  So "none" backprops through the
+    # policy's logps (one rounding), unless the gradient has to be written in place.
+    grad_in_forward = reduction != "none" or in_place or not compute_grad
     r, a, w = _frozen_all(ref, weak_aligned, weak_base, layout, backend)
-    one_pass = r[0] == a[0] == w[0] == "logits"
+    one_pass = grad_in_forward and r[0] == a[0] == w[0] == "logits"
     if one_pass:
         lr = delta_w = None  # come out of the kernel
     else:
         lr, delta_w = _frozen_terms_from(r, a, w, layout, backend)
         k = _policy_constant(gamma, lr, delta_w, layout, acc)
-    if inplace_grad and compute_grad and not torch.compiler.is_compiling() and writable_in_place(policy):
+    if not grad_in_forward:
+        out = ops.logprobs(policy, layout.labels, ignore_index, backend)[0]
+        d = gamma * out - k
+        loss_t = w_t * d * d
+    elif in_place:
         if one_pass:
             run = functools.partial(ops.run_wspo_four, policy, r[1], a[1], w[1], layout.labels, w_t, gamma,
                                     ignore_index, backend=backend)
