@@ -6,6 +6,9 @@ bias) tuples, (hidden, weight) tuples} x {inplace_grad on, off} x {mean, sum, no
 view of a leaf ``base``: its gradient is checked against the reference's gradient w.r.t. the same
 view of a float64 base, and nothing of ``base`` outside the view may change.
 """
+import os
+import zlib
+
 import pytest
 import torch
 
@@ -17,6 +20,7 @@ from helpers import BACKENDS, check_grad, check_loss
 B, T, V, H, PAD = 2, 5, 37, 6, 11
 LAYOUTS = ("contiguous", "vocab-sliced", "transposed", "expanded", "vocab-strided", "flat-strided")
 FROZEN = ("logits", "logps", "tuple-bias", "tuple")
+SEED = int(os.environ.get("WSPO_TEST_SEED", "0"))  # other seeds: WSPO_TEST_SEED=n pytest tests/test_layouts.py
 
 
 def _params():
@@ -109,7 +113,7 @@ def _low_precision_grad(policy_values, labels, frozen64, shift, reduction, up, d
 @pytest.mark.parametrize("inplace", [False, True], ids=["copy-grad", "inplace"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_layout_matrix(backend, dtype, layout, frozen_kind, inplace, reduction):
-    g = torch.Generator().manual_seed(hash((layout, frozen_kind)) % 2**31)
+    g = torch.Generator().manual_seed(SEED + zlib.crc32(f"{layout}/{frozen_kind}".encode()))
     shift = layout != "flat-strided"
     labels = _labels(layout, g)
     values = (torch.randn(B, T, V, generator=g) * 3).to(dtype)
@@ -138,9 +142,12 @@ def test_layout_matrix(backend, dtype, layout, frozen_kind, inplace, reduction):
     lowp = None if dtype == torch.float32 else _low_precision_grad(view(original), labels, frozen64, shift,
                                                                    reduction, up, dtype)
     if inplace and reduction == "none" and lowp is not None:
-        # Written in the forward pass, scaled in the backward: rounded twice (documented), so the
-        # yardstick is twice PyTorch's error.
-        lowp = policy64.grad + 2 * (lowp.double() - policy64.grad)
+        # Written in the forward pass, scaled in the backward: rounded twice (documented), each time
+        # by up to half an ulp, so the yardstick is two roundings: 2 x max(PyTorch's error, half an ulp).
+        ref_grad = policy64.grad
+        half_ulp = torch.finfo(dtype).eps / 2 * 2.0 ** torch.floor(torch.log2(ref_grad.abs().max()))
+        one_rounding = torch.maximum((lowp.double() - ref_grad).abs().max(), half_ulp)
+        lowp = ref_grad + 2 * one_rounding
     check_grad(at_view[0], policy64.grad, dtype, lowp, what=f"dL/dpolicy ({layout})")
     if dtype == torch.float32:  # low precision: autograd's own rounding when it sums an expanded view
         check_grad(base.grad, base64.grad, dtype, what=f"dL/dbase ({layout})")

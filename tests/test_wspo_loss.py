@@ -218,8 +218,12 @@ def test_inplace_grad_matches_regular_path(backend, dtype, frozen_as, reduction)
         grads.append(w.grad)
         if inplace:
             assert not torch.equal(policy.detach(), (h @ w).detach()), "the logits should hold the gradient now"
-    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
-    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)  # same kernel, same numbers
+    if reduction == "mean":  # same kernel, same numbers
+        torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+        torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    else:  # "none" backprops through the logps unless the gradient is written in place: last bits differ
+        torch.testing.assert_close(losses[1], losses[0])
+        torch.testing.assert_close(grads[1], grads[0])
 
 
 def test_inplace_grad_refuses_a_graph_that_saved_the_logits():
