@@ -102,3 +102,96 @@ def test_label_check_cannot_be_switched_off_on_cpu(monkeypatch):
     logits, labels = _batch()
     with pytest.raises(ValueError, match=r"labels must be in \[0, 11\)"):
         _loss(logits[0], labels.fill_(11), logits[1:])
+
+
+# ---------------------------------------------------------------------------------------------- the table
+def _linear(h, w, labels, frozen, **kw):
+    return wk.linear_wspo_loss(h, w, labels, ref=frozen[0], weak_aligned=frozen[1], weak_base=frozen[2], **kw)
+
+
+_G = torch.Generator().manual_seed(1)
+_LOGITS = [torch.randn(2, 4, 11, generator=_G) for _ in range(4)]
+_LABELS = torch.randint(0, 11, (2, 4), generator=_G)
+_HIDDEN, _WEIGHT = torch.randn(2, 4, 5, generator=_G), torch.randn(11, 5, generator=_G)
+_BIG = torch.full((2, 4), 12)
+_BIG[:, 0] = 0
+
+# (call, exception, message that names the argument); every row must raise before any kernel runs.
+BAD_INPUTS = {
+    "normalizer tensor 0": (lambda: _loss(_LOGITS[0], _LABELS, _LOGITS[1:], normalizer=torch.tensor(0.0)),
+                            ValueError, "normalizer must be finite and > 0"),
+    "normalizer tensor < 0": (lambda: _loss(_LOGITS[0], _LABELS, _LOGITS[1:], normalizer=torch.tensor([-2.0])),
+                              ValueError, "normalizer must be finite and > 0"),
+    "normalizer tensor NaN": (lambda: _loss(_LOGITS[0], _LABELS, _LOGITS[1:], normalizer=torch.tensor(math.nan)),
+                              ValueError, "normalizer must be finite and > 0"),
+    "normalizer tensor inf": (lambda: _linear(_HIDDEN, _WEIGHT, _LABELS, _LOGITS[1:], normalizer=torch.tensor(math.inf)),
+                              ValueError, "normalizer must be finite and > 0"),
+    "normalizer 2 elements": (lambda: _loss(_LOGITS[0], _LABELS, _LOGITS[1:], normalizer=torch.ones(2)),
+                              ValueError, "normalizer tensor must hold a single"),
+    "cu_seqlens bool": (lambda: wk.token_logprobs(_LOGITS[0][0], _LABELS[0], cu_seqlens=torch.tensor([False, True])),
+                        TypeError, "cu_seqlens must be an integer tensor"),
+    "cu_seqlens float": (lambda: wk.token_logprobs(_LOGITS[0][0], _LABELS[0], cu_seqlens=torch.tensor([0.0, 4.0])),
+                         TypeError, "cu_seqlens must be an integer tensor"),
+    "cu_seqlens list of floats": (lambda: wk.token_logprobs(_LOGITS[0][0], _LABELS[0], cu_seqlens=[0, 4.0]),
+                                  TypeError, "cu_seqlens as a list must hold ints"),
+    "cu_seqlens string": (lambda: wk.token_logprobs(_LOGITS[0][0], _LABELS[0], cu_seqlens="0,4"),
+                          TypeError, "cu_seqlens must be"),
+    "shift None": (lambda: _loss(_LOGITS[0], _LABELS, _LOGITS[1:], shift=None), TypeError, "shift must be True or"),
+    "shift string": (lambda: wk.token_logprobs(_LOGITS[0], _LABELS, shift="yes"), TypeError, "shift must be True"),
+    "gamma 1e30": (lambda: _loss(_LOGITS[0], _LABELS, _LOGITS[1:], gamma=1e30), ValueError, "gamma must be finite"),
+    "gamma tensor": (lambda: _loss(_LOGITS[0], _LABELS, _LOGITS[1:], gamma=torch.tensor(0.1)), TypeError,
+                     "gamma must be a real number"),
+    "gamma bool": (lambda: _loss(_LOGITS[0], _LABELS, _LOGITS[1:], gamma=True), TypeError, "gamma must be a real"),
+    "ignore_index 2**70": (lambda: _loss(_LOGITS[0], _LABELS, _LOGITS[1:], ignore_index=2 ** 70), ValueError,
+                           "ignore_index must fit in int64"),
+    "ignore_index float": (lambda: wk.token_logprobs(_LOGITS[0], _LABELS, ignore_index=-100.0), TypeError,
+                           "ignore_index must be an int"),
+    "reduction None": (lambda: _loss(_LOGITS[0], _LABELS, _LOGITS[1:], reduction=None), ValueError,
+                       "reduction must be one of"),
+    "inplace_grad string": (lambda: _loss(_LOGITS[0], _LABELS, _LOGITS[1:], inplace_grad="yes"), TypeError,
+                            "inplace_grad must be True or False"),
+    "return_metrics int": (lambda: _loss(_LOGITS[0], _LABELS, _LOGITS[1:], return_metrics=1), TypeError,
+                           "return_metrics must be True or False"),
+    "hidden size 0": (lambda: _linear(torch.randn(2, 4, 0), torch.randn(11, 0), _LABELS, _LOGITS[1:]), ValueError,
+                      "policy hidden has hidden size H=0"),
+    "frozen tuple hidden size 0": (lambda: _loss(_LOGITS[0], _LABELS, [(torch.randn(2, 4, 0), torch.randn(11, 0)),
+                                                                      *_LOGITS[2:]]),
+                                   ValueError, "ref hidden has hidden size H=0"),
+    "label outside ref logits": (lambda: _loss(_LOGITS[0], _BIG, [torch.randn(2, 4, 12), torch.randn(2, 4, 13),
+                                                                  torch.randn(2, 4, 13)]),
+                                 ValueError, r"\[0, 12\) for ref"),
+    "label outside weak_base logits (logps elsewhere)": (
+        lambda: _loss(torch.randn(2, 4, 13), _BIG, [torch.zeros(2, 3), torch.zeros(2, 3), torch.randn(2, 4, 12)]),
+        ValueError, r"\[0, 12\) for weak_base"),
+    "label outside weak_aligned lm_head": (
+        lambda: _loss(torch.randn(2, 4, 13), _BIG, [torch.zeros(2, 3), (_HIDDEN, torch.randn(12, 5)),
+                                                     torch.zeros(2, 3)]),
+        ValueError, r"\[0, 12\) for weak_aligned"),
+    "label outside policy lm_head": (lambda: _linear(_HIDDEN, torch.randn(12, 5), _BIG, [torch.zeros(2, 3)] * 3),
+                                     ValueError, r"\[0, 12\) for lm_head_weight"),
+    "labels 3-D": (lambda: wk.token_logprobs(_LOGITS[0], _LABELS[None]), ValueError, "labels must be"),
+    "labels float": (lambda: wk.token_logprobs(_LOGITS[0], _LABELS.float()), TypeError, "labels must be an integer"),
+    "weak_log_ratio base shape": (lambda: wk.weak_log_ratio(_LOGITS[0], _LOGITS[1][:1], _LABELS), ValueError,
+                                  "base_logits must have shape"),
+    "policy wrong device": (lambda: _loss(_LOGITS[0].to("meta"), _LABELS, _LOGITS[1:]), ValueError,
+                            "policy_logits is on meta"),
+    "module ignore_index float": (lambda: wk.WSPOLoss(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+    "module shift string": (lambda: wk.LinearWSPOLoss(shift="yes"), TypeError, "shift must be True or False"),
+    "module inplace_grad int": (lambda: wk.WSPOLoss(inplace_grad=1), TypeError, "inplace_grad must be True or"),
+    "module gamma 1e30": (lambda: wk.WSPOLoss(gamma=1e30), ValueError, "gamma must be finite"),
+    "module backend": (lambda: wk.LinearWSPOLoss(backend="cuda"), ValueError, "unknown backend"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_table(case):
+    call, exc, match = BAD_INPUTS[case]
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_cu_seqlens_as_a_list_is_accepted():
+    flat = _LOGITS[0].reshape(8, 11)
+    got = wk.token_logprobs(flat, _LABELS.reshape(-1), cu_seqlens=[0, 4, 8], shift=True)
+    want = wk.token_logprobs(flat, _LABELS.reshape(-1), cu_seqlens=torch.tensor([0, 4, 8]), shift=True)
+    assert torch.equal(got, want)

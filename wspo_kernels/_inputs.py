@@ -25,6 +25,7 @@ from typing import NamedTuple, Optional
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+STATS_ROWS = 3   # saved row statistics: max m, sum s of exp(z - m), the same sum r without the label's term
 REDUCTIONS = ("mean", "sum", "none")
 
 

@@ -15,7 +15,7 @@ only the per-row statistics and recomputes each chunk's logits in its backward.
 """
 import torch
 
-from ._inputs import acc_dtype as _acc
+from ._inputs import STATS_ROWS, acc_dtype as _acc
 
 LINEAR_CHUNK_ELEMS = 1 << 22   # fp32 logits per chunk (16 MB)
 
@@ -44,7 +44,7 @@ def linear_logprobs(rows, hidden, weight, bias, labels, ignore_index):
     w_acc, b_acc = _upcast(weight, bias, acc)
     n = hidden.shape[0]
     logp = torch.empty(n, dtype=acc, device=hidden.device)
-    stats = torch.empty(2, n, dtype=acc, device=hidden.device)
+    stats = torch.empty(STATS_ROWS, n, dtype=acc, device=hidden.device)
     for r in _chunks(n, weight.shape[0]):
         logp[r], stats[:, r] = rows.logprobs(_logits(hidden[r], w_acc, b_acc), labels[r], ignore_index)
     return logp, stats

@@ -5,7 +5,7 @@ lives here rather than in the traced Python wrappers), picks a backend that take
 dtype (``dispatch.select_backend``) and runs that backend's row kernels.  Logits operands are
 ``[N, V]`` or ``[B, T, V]`` (see ``_inputs.rows_of``).  Autograd:
 
-- ``logprobs`` / ``linear_logprobs`` save the per-row statistics (max, sum of exp) and recompute in
+- ``logprobs`` / ``linear_logprobs`` save the per-row statistics (``_inputs.STATS_ROWS``) and recompute in
   their backward ops;
 - ``wspo_rows`` / ``wspo_four`` return the policy gradient computed in the forward pass
   (gradient of sum_t loss_t); their backward scales row t by the incoming dL/dloss_t in place
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import chunked_linear
-from ._inputs import acc_dtype as _acc, check_labels_range, num_rows
+from ._inputs import STATS_ROWS, acc_dtype as _acc, check_labels_range, num_rows
 from .dispatch import select_backend
 
 _LIB = "wspo_kernels"
@@ -65,7 +65,7 @@ def logprobs(logits: Tensor, labels: Tensor, ignore_index: int, backend: str) ->
 @logprobs.register_fake
 def _(logits, labels, ignore_index, backend):
     n = num_rows(logits)
-    return logits.new_empty(n, dtype=_acc(logits)), logits.new_empty(2, n, dtype=_acc(logits))
+    return logits.new_empty(n, dtype=_acc(logits)), logits.new_empty(STATS_ROWS, n, dtype=_acc(logits))
 
 
 @torch.library.custom_op(f"{_LIB}::logprobs_backward", mutates_args=())
@@ -257,7 +257,7 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labe
 @linear_logprobs.register_fake
 def _(hidden, weight, bias, labels, ignore_index, backend):
     n = hidden.shape[0]
-    return hidden.new_empty(n, dtype=_acc(hidden)), hidden.new_empty(2, n, dtype=_acc(hidden))
+    return hidden.new_empty(n, dtype=_acc(hidden)), hidden.new_empty(STATS_ROWS, n, dtype=_acc(hidden))
 
 
 def _grad_likes(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], grad_hidden: bool, grad_weight: bool):

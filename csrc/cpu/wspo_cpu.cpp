@@ -8,15 +8,17 @@
 // Online log-sum-exp, one sweep of the row from memory: the row is cut into blocks of kBlock
 // elements (small enough to stay in L1); for each block
 //     M = max_j z_j;  m' = max(m, M);  s = s * exp(m - m') + sum_j exp(z_j - m')
-// so the block is read twice from L1 and once from memory.  The row's statistics are (m, s), kept
-// apart: logp = (z_y - m) - log(s) stays exact for logits with a large common offset (m + log(s)
-// would round to the offset's ulp), and softmax_v = exp(z_v - m) / s.
+// so the block is read twice from L1 and once from memory; the label's own term is left out of the
+// sum: r = sum_{v != y} exp(z_v - m), s = r + exp(z_y - m).  The statistics (m, s, r) are kept apart:
+// logp = (z_y - m) - log(s) stays exact for logits with a large common offset (m + log(s) would round
+// to the offset's ulp), and q = r / s = 1 - p_y keeps its relative accuracy as p_y -> 1, where
+// logp = log1p(-q) (used when q < 1/2).  softmax_v = exp(z_v - m) / s.
 //
 // WSPO in one pass (wspo_four): per row, the statistics of ref, aligned and base (each row read once),
 // then the policy's; d = gamma * (l^p - l^r) - (l^a - l^w), loss = w * d^2 with the per-token weight
 // w (m_t / n_b / B'), and the policy gradient of sum_t loss_t written in a second sweep of the policy
-// row (from cache):  g_v = -c * exp(z_v - m) / s,  g_y = -c * expm1(logp),  c = 2 * gamma * w * d
-// (expm1: no cancellation as p_y -> 1).  wspo_rows is the same with the frozen models folded into
+// row (from cache):  g_v = -c * exp(z_v - m) / s,  g_y = c * q,  c = 2 * gamma * w * d
+// (no cancellation as p_y -> 1).  wspo_rows is the same with the frozen models folded into
 // k = gamma * l^r + l^a - l^w.  Nothing is saved: the caller keeps the gradient; the gradient
 // buffer may be the policy logits (in place, any non-overlapping layout), as each element is read
 // before it is written.
@@ -116,13 +118,13 @@ inline void for_steps(const T* x, int64_t n, float fill, F&& f) {
 }
 
 // ------------------------------------------------------------------------------------------ row math
-struct Stats {  // a row's max and sum of exp(z - max)
-  float m, s;
+struct Stats {  // a row's max m, sum s of exp(z - m), and that sum r without the label's term
+  float m, s, r;
 };
 
 template <typename T>
-Stats row_stats_of(const T* x, int64_t V) {
-  float m = kNegInf, s = 0.f;
+Stats row_stats_of(const T* x, int64_t V, int64_t y) {
+  float m = kNegInf, r = 0.f;
   for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
     const T* xb = x + b0;
     const int64_t n = std::min(kBlock, V - b0);
@@ -131,21 +133,33 @@ Stats row_stats_of(const T* x, int64_t V) {
     const float block_max = hmax(vmax);
     if (block_max == kNegInf) continue;  // nothing to add (and no -inf - -inf)
     const float m_new = std::max(m, block_max);
-    s *= std::exp(m - m_new);
+    r *= std::exp(m - m_new);
     m = m_new;
     const Vec vm(m);
     Vec vsum(0.f);
-    for_steps(xb, n, kNegInf, [&](const Vec& a, const Vec& b) { vsum += (a - vm).exp() + (b - vm).exp(); });
-    s += hsum(vsum);
+    auto add = [&](const Vec& a, const Vec& b) { vsum += (a - vm).exp() + (b - vm).exp(); };
+    const int64_t yl = y - b0;
+    if (yl >= 0 && yl < n) {  // the block holding the label: sum around it
+      for_steps(xb, yl, kNegInf, add);
+      for_steps(xb + yl + 1, n - yl - 1, kNegInf, add);
+    } else {
+      for_steps(xb, n, kNegInf, add);
+    }
+    r += hsum(vsum);
   }
-  return {m, s};
+  return {m, r + std::exp(static_cast<float>(x[y]) - m), r};
 }
 
-inline float logp_of(float z_y, Stats st) { return (z_y - st.m) - std::log(st.s); }
+// (logp, q = 1 - p_y) of a row, both accurate as p_y -> 1.
+inline std::pair<float, float> logp_q(float z_y, Stats st) {
+  const float q = st.r / st.s;
+  return {q < 0.5f ? std::log1p(-q) : (z_y - st.m) - std::log(st.s), q};
+}
+inline float logp_of(float z_y, Stats st) { return logp_q(z_y, st).first; }
 
-// out = coef * (onehot(y) - exp(x - m) / s); out may alias x.  logp is the label's, computed beforehand.
+// out = coef * (onehot(y) - exp(x - m) / s), the label entry coef * q; out may alias x.
 template <typename T>
-void row_grad(const T* x, T* out, int64_t V, Stats st, float coef, int64_t y, float logp) {
+void row_grad(const T* x, T* out, int64_t V, Stats st, float coef, int64_t y, float q) {
   using IO = RowIO<T>;
   const Vec vm(st.m), vc(-coef / st.s);
   Vec a, b;
@@ -158,7 +172,7 @@ void row_grad(const T* x, T* out, int64_t V, Stats st, float coef, int64_t y, fl
     IO::load_tail(x + j, V - j, kNegInf, a, b);
     IO::store_tail(out + j, V - j, (a - vm).exp() * vc, (b - vm).exp() * vc);
   }
-  out[y] = static_cast<T>(-coef * std::expm1(logp));  // c (1 - p_y) without cancellation as p_y -> 1
+  out[y] = static_cast<T>(coef * q);  // c (1 - p_y) without cancellation as p_y -> 1
 }
 
 template <typename T>
@@ -190,7 +204,7 @@ template <typename T>
 inline std::pair<Stats, float> row_stats(const Rows& r, int64_t i, int64_t y) {
   TORCH_CHECK(y >= 0 && y < r.vocab, "label ", y, " outside [0, ", r.vocab, ")");
   const T* x = r.row<T>(i);
-  return {row_stats_of(x, r.vocab), static_cast<float>(x[y])};
+  return {row_stats_of(x, r.vocab, y), static_cast<float>(x[y])};
 }
 
 template <typename F>
@@ -213,22 +227,23 @@ Rows grad_rows(const Tensor& grad, const Tensor& like, int64_t n, const char* na
 }
 
 // ------------------------------------------------------------------------------------------ kernels
-// (logp [N], stats [2, N]): stats rows are the max m and the sum s of exp(z - m) (m = 0, s = 1 when ignored).
+// (logp [N], stats [3, N]): stats rows are m, s, r (0, 1, 0 when ignored).
 std::tuple<Tensor, Tensor> logprobs(const Tensor& logits, const Tensor& labels, int64_t ignore_index) {
   check_labels(labels);
   const int64_t n = labels.size(0);
   const Rows r = rows_of(logits, n, "logits");
-  Tensor logp = per_row(logits, n), stats = at::empty({2, n}, logits.options().dtype(at::kFloat));
+  Tensor logp = per_row(logits, n), stats = at::empty({3, n}, logits.options().dtype(at::kFloat));
   const int64_t* y = labels.data_ptr<int64_t>();
-  float *lp = logp.data_ptr<float>(), *sm = stats.data_ptr<float>(), *ss = sm + n;
+  float *lp = logp.data_ptr<float>(), *sm = stats.data_ptr<float>(), *ss = sm + n, *sr = ss + n;
   dispatch_dtype(logits.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     at::parallel_for(0, n, kRowsPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        if (y[i] == ignore_index) { lp[i] = 0.f; sm[i] = 0.f; ss[i] = 1.f; continue; }
+        if (y[i] == ignore_index) { lp[i] = 0.f; sm[i] = 0.f; ss[i] = 1.f; sr[i] = 0.f; continue; }
         auto [st, z] = row_stats<T>(r, i, y[i]);
         sm[i] = st.m;
         ss[i] = st.s;
+        sr[i] = st.r;
         lp[i] = logp_of(z, st);
       }
     });
@@ -242,19 +257,18 @@ Tensor logprobs_backward(const Tensor& logits, const Tensor& labels, const Tenso
   check_labels(labels);
   const int64_t n = labels.size(0);
   const Rows r = rows_of(logits, n, "logits"), o = grad_rows(out, logits, n, "out");
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 2 && stats.size(1) == n, "stats must be [2, N]");
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 3 && stats.size(1) == n, "stats must be [3, N]");
   Tensor g = grad_logp.to(at::kFloat).contiguous(), st = stats.to(at::kFloat).contiguous();
   const int64_t* y = labels.data_ptr<int64_t>();
-  const float *gp = g.data_ptr<float>(), *sm = st.data_ptr<float>(), *ss = sm + n;
+  const float *gp = g.data_ptr<float>(), *sm = st.data_ptr<float>(), *ss = sm + n, *sr = ss + n;
   dispatch_dtype(logits.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     at::parallel_for(0, n, kRowsPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         T* orow = o.row<T>(i);
         if (y[i] == ignore_index) { zero_row(orow, r.vocab); continue; }
-        const T* x = r.row<T>(i);
-        const Stats s{sm[i], ss[i]};
-        row_grad(x, orow, r.vocab, s, gp[i], y[i], logp_of(static_cast<float>(x[y[i]]), s));
+        const Stats s{sm[i], ss[i], sr[i]};
+        row_grad(r.row<T>(i), orow, r.vocab, s, gp[i], y[i], s.r / s.s);
       }
     });
   });
@@ -288,10 +302,11 @@ template <typename T>
 inline void policy_row(const Rows& p, const Rows* grad, int64_t i, int64_t y, float k, float w, float gamma,
                        float* loss, float* logp) {
   auto [st, z] = row_stats<T>(p, i, y);
-  const float lp = logp_of(z, st), d = gamma * lp - k;
+  const auto [lp, q] = logp_q(z, st);
+  const float d = gamma * lp - k;
   logp[i] = lp;
   loss[i] = w * d * d;
-  if (grad != nullptr) row_grad(p.row<T>(i), grad->row<T>(i), p.vocab, st, 2.f * gamma * w * d, y, lp);
+  if (grad != nullptr) row_grad(p.row<T>(i), grad->row<T>(i), p.vocab, st, 2.f * gamma * w * d, y, q);
 }
 
 // Both WSPO kernels: with `frozen` (ref, aligned, base logits) the one-pass kernel reads the three
@@ -398,7 +413,7 @@ void scale_rows_(Tensor grad, const Tensor& scale) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "wspo-kernels native CPU row kernels (one build per CPU capability)";
   m.attr("capability") = WSPO_CAPABILITY_NAME;
-  m.def("logprobs", &wspo_cpu::logprobs, "per-row logp [N] and statistics [2, N] (max, sum of exp)");
+  m.def("logprobs", &wspo_cpu::logprobs, "per-row logp [N] and statistics [3, N] (max, sum of exp, that sum without the label)");
   m.def("logprobs_backward", &wspo_cpu::logprobs_backward, "grad_logp * (onehot - softmax) into out");
   m.def("weak_log_ratio", &wspo_cpu::weak_log_ratio, "l^aligned - l^base per row");
   m.def("wspo_rows", &wspo_cpu::wspo_rows, "WSPO loss terms and policy gradient from k = gamma*l^r + l^a - l^w");

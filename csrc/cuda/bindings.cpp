@@ -16,7 +16,7 @@ void scale_rows_(Tensor, const Tensor&);
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "wspo-kernels native CUDA row kernels";
   m.attr("capability") = "cuda";
-  m.def("logprobs", &wspo_cuda::logprobs, "per-row logp [N] and statistics [2, N] (max, sum of exp)");
+  m.def("logprobs", &wspo_cuda::logprobs, "per-row logp [N] and statistics [3, N] (max, sum of exp, that sum without the label)");
   m.def("logprobs_backward", &wspo_cuda::logprobs_backward, "grad_logp * (onehot - softmax) into out");
   m.def("weak_log_ratio", &wspo_cuda::weak_log_ratio, "l^aligned - l^base per row");
   m.def("wspo_rows", &wspo_cuda::wspo_rows, "WSPO loss terms and policy gradient from k");

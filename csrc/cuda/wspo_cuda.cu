@@ -8,11 +8,13 @@
 // Online log-sum-exp: each thread keeps a running (m, s) over the elements it reads,
 //     x > m:  s = s * exp(m - x) + 1, m = x        else:  s += exp(x - m)
 // (one exp per element), then the block merges the pairs (m, s) ⊕ (m', s') = (M, s e^{m-M} + s' e^{m'-M}).
-// The statistics (m, s) stay apart: logp = (z_y - m) - log(s) is exact for logits with a large common
-// offset, softmax_v = exp(z_v - m) / s.  WSPO: per row the four statistics, d = gamma (l^p - l^r) -
-// (l^a - l^w), loss = w d^2, and the policy gradient -c exp(z_v - m) / s, label entry -c expm1(logp)
-// (no cancellation as p_y -> 1), c = 2 gamma w d, written in a second sweep of the policy row (usually
-// still in L2).  Row offsets are int64 (N * V may exceed 2^31).
+// The label's own term is left out of the sum (it only raises the max): r = sum_{v != y} exp(z_v - m),
+// s = r + exp(z_y - m).  The statistics (m, s, r) stay apart: q = r / s = 1 - p_y and
+// logp = log1p(-q) if q < 1/2 else (z_y - m) - log(s) are exact for logits with a large common offset
+// and as p_y -> 1; softmax_v = exp(z_v - m) / s.  WSPO: per row the four statistics,
+// d = gamma (l^p - l^r) - (l^a - l^w), loss = w d^2, and the policy gradient -c exp(z_v - m) / s, label
+// entry c q, c = 2 gamma w d, written in a second sweep of the policy row (usually still in L2).
+// Row offsets are int64 (N * V may exceed 2^31).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -50,6 +52,25 @@ __device__ __forceinline__ void push(MS& r, float x) {
   }
 }
 
+// The label's element: raises the max, adds nothing to the sum.
+__device__ __forceinline__ void push_max(MS& r, float x) {
+  if (x > r.m) {
+    r.s = r.m == kNegInf ? 0.f : r.s * expf(r.m - x);
+    r.m = x;
+  }
+}
+
+struct Stats {  // a row's max m, sum s of exp(z - m), that sum r without the label's term, label logit
+  float m, s, r, z_y;
+};
+
+// (logp, q = 1 - p_y), both accurate as p_y -> 1.
+__device__ __forceinline__ float2 logp_q(Stats st) {
+  const float q = st.r / st.s;
+  return make_float2(q < 0.5f ? log1pf(-q) : (st.z_y - st.m) - logf(st.s), q);
+}
+__device__ __forceinline__ float logp_of(Stats st) { return logp_q(st).x; }
+
 template <typename T>
 __device__ __forceinline__ float to_f(T x) { return static_cast<float>(x); }
 
@@ -78,9 +99,9 @@ __device__ MS block_merge(MS r) {
   return out;
 }
 
-// Statistics (max, sum of exp(x - max)) of one row, read with 16-byte loads when the row is aligned.
+// Statistics of one row (label y), read with 16-byte loads when the row is aligned.
 template <typename T>
-__device__ MS row_stats(const T* __restrict__ x, int64_t V) {
+__device__ Stats row_stats(const T* __restrict__ x, int64_t V, int64_t y) {
   constexpr int P = kPackBytes / sizeof(T);
   struct alignas(kPackBytes) Pack { T v[P]; };
   MS r{kNegInf, 0.f};
@@ -91,19 +112,25 @@ __device__ MS row_stats(const T* __restrict__ x, int64_t V) {
     for (int64_t i = threadIdx.x; i < n_packs; i += kThreads) {
       const Pack p = xp[i];
 #pragma unroll
-      for (int j = 0; j < P; ++j) push(r, to_f(p.v[j]));
+      for (int j = 0; j < P; ++j) {
+        if (i * P + j == y) push_max(r, to_f(p.v[j]));
+        else push(r, to_f(p.v[j]));
+      }
     }
     start = n_packs * P;
   }
-  for (int64_t i = start + threadIdx.x; i < V; i += kThreads) push(r, to_f(x[i]));
-  return block_merge(r);
+  for (int64_t i = start + threadIdx.x; i < V; i += kThreads) {
+    if (i == y) push_max(r, to_f(x[i]));
+    else push(r, to_f(x[i]));
+  }
+  r = block_merge(r);
+  const float z_y = to_f(x[y]);
+  return {r.m, r.s + expf(z_y - r.m), r.s, z_y};
 }
 
-__device__ __forceinline__ float logp_of(float z_y, MS st) { return (z_y - st.m) - logf(st.s); }
-
-// out = coef * (onehot(y) - exp(x - m) / s); out may alias x.
+// out = coef * (onehot(y) - exp(x - m) / s), the label entry coef * q; out may alias x.
 template <typename T>
-__device__ void row_grad(const T* x, T* out, int64_t V, MS st, float coef, int64_t y, float logp) {
+__device__ void row_grad(const T* x, T* out, int64_t V, Stats st, float coef, int64_t y, float q) {
   constexpr int P = kPackBytes / sizeof(T);
   struct alignas(kPackBytes) Pack { T v[P]; };
   __syncthreads();  // in place (out == x): every thread has read z_y and its inputs before any write
@@ -121,7 +148,7 @@ __device__ void row_grad(const T* x, T* out, int64_t V, MS st, float coef, int64
   }
   for (int64_t i = start + threadIdx.x; i < V; i += kThreads) out[i] = static_cast<T>(scale * expf(to_f(x[i]) - st.m));
   __syncthreads();  // every thread's writes land before the label entry is fixed
-  if (threadIdx.x == 0) out[y] = static_cast<T>(-coef * expm1f(logp));
+  if (threadIdx.x == 0) out[y] = static_cast<T>(coef * q);
 }
 
 template <typename T>
@@ -148,17 +175,17 @@ __global__ void logprobs_kernel(Rows r, const int64_t* labels, int64_t ignore_in
   const int64_t y = labels[i];
   if (y == ignore_index) {
     if (threadIdx.x == 0) {
-      logp[i] = stats[i] = 0.f;
+      logp[i] = stats[i] = stats[2 * n + i] = 0.f;
       stats[n + i] = 1.f;
     }
     return;
   }
-  const T* x = row_ptr<T>(r, i);
-  const MS st = row_stats(x, r.vocab);
+  const Stats st = row_stats(row_ptr<T>(r, i), r.vocab, y);
   if (threadIdx.x == 0) {
     stats[i] = st.m;
     stats[n + i] = st.s;
-    logp[i] = logp_of(to_f(x[y]), st);
+    stats[2 * n + i] = st.r;
+    logp[i] = logp_of(st);
   }
 }
 
@@ -170,8 +197,8 @@ __global__ void logprobs_backward_kernel(Rows r, const int64_t* labels, int64_t 
   T* o = row_ptr<T>(out, i);
   if (y == ignore_index) return zero_row(o, r.vocab);
   const T* x = row_ptr<T>(r, i);
-  const MS st{stats[i], stats[n + i]};
-  row_grad(x, o, r.vocab, st, grad_logp[i], y, logp_of(to_f(x[y]), st));
+  const Stats st{stats[i], stats[n + i], stats[2 * n + i], 0.f};
+  row_grad(x, o, r.vocab, st, grad_logp[i], y, st.r / st.s);
 }
 
 template <typename T>
@@ -183,8 +210,8 @@ __global__ void weak_log_ratio_kernel(Rows a, Rows b, const int64_t* labels, int
     return;
   }
   const T *xa = row_ptr<T>(a, i), *xb = row_ptr<T>(b, i);
-  const MS sa = row_stats(xa, a.vocab), sb = row_stats(xb, b.vocab);
-  if (threadIdx.x == 0) out[i] = logp_of(to_f(xa[y]), sa) - logp_of(to_f(xb[y]), sb);
+  const Stats sa = row_stats(xa, a.vocab, y), sb = row_stats(xb, b.vocab, y);
+  if (threadIdx.x == 0) out[i] = logp_of(sa) - logp_of(sb);
 }
 
 // frozen_k != nullptr: k given (wspo_rows); otherwise the three frozen rows are read (wspo_four).
@@ -207,9 +234,9 @@ __global__ void wspo_kernel(Rows p, Rows ref, Rows al, Rows ba, const float* fro
     k = frozen_k[i];
   } else {
     const T *xr = row_ptr<T>(ref, i), *xa = row_ptr<T>(al, i), *xb = row_ptr<T>(ba, i);
-    const float lr = logp_of(to_f(xr[y]), row_stats(xr, ref.vocab));
-    const float la = logp_of(to_f(xa[y]), row_stats(xa, al.vocab));
-    const float lb = logp_of(to_f(xb[y]), row_stats(xb, ba.vocab));
+    const float lr = logp_of(row_stats(xr, ref.vocab, y));
+    const float la = logp_of(row_stats(xa, al.vocab, y));
+    const float lb = logp_of(row_stats(xb, ba.vocab, y));
     k = gamma * lr + la - lb;
     if (threadIdx.x == 0) {
       logps[n + i] = lr;
@@ -218,13 +245,14 @@ __global__ void wspo_kernel(Rows p, Rows ref, Rows al, Rows ba, const float* fro
     }
   }
   const T* xp = row_ptr<T>(p, i);
-  const MS st = row_stats(xp, p.vocab);
-  const float lp = logp_of(to_f(xp[y]), st), d = gamma * lp - k, w = weight[i];
+  const Stats st = row_stats(xp, p.vocab, y);
+  const float2 lq = logp_q(st);
+  const float lp = lq.x, d = gamma * lp - k, w = weight[i];
   if (threadIdx.x == 0) {
     logps[i] = lp;
     loss[i] = w * d * d;
   }
-  if (write_grad) row_grad(xp, row_ptr<T>(grad, i), p.vocab, st, 2.f * gamma * w * d, y, lp);
+  if (write_grad) row_grad(xp, row_ptr<T>(grad, i), p.vocab, st, 2.f * gamma * w * d, y, lq.y);
 }
 
 template <typename T>
@@ -271,7 +299,7 @@ std::tuple<Tensor, Tensor> logprobs(const Tensor& logits, const Tensor& labels, 
   const Rows r = rows_of(logits, n, "logits");
   const c10::cuda::CUDAGuard guard(logits.device());
   auto opts = logits.options().dtype(at::kFloat);
-  Tensor logp = at::empty({n}, opts), stats = at::empty({2, n}, opts);
+  Tensor logp = at::empty({n}, opts), stats = at::empty({3, n}, opts);
   if (n == 0) return {logp, stats};
   dispatch_dtype(logits.scalar_type(), [&](auto tag) {
     using T = decltype(tag);

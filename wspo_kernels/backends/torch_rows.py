@@ -10,23 +10,24 @@ Row statistics, one read of the row in blocks of ``VOCAB_BLOCK`` columns, merged
 
     m' = max(m, max_{j in block} z_j);   s' = s * exp(m - m') + sum_{j in block} exp(z_j - m')
 
-kept as the pair (m, s) ("stats", ``[2, N]``), never folded into lse = m + log(s): for logits with a
-large common offset that sum rounds to the offset's ulp, while
+with the label's own term left out of the sum: r = sum_{v != y} exp(z_v - m), s = r + exp(z_y - m).
+The statistics ("stats", ``[3, N]``: m, s, r) are never folded into lse = m + log(s): for logits with
+a large common offset that sum rounds to the offset's ulp, and 1 - p_y = r / s keeps its relative
+accuracy as p_y -> 1, where 1 - exp(logp) cancels to 0:
 
-    logp = (z_y - m) - log(s)          softmax_v = exp(z_v - m) / s
+    q = r / s = 1 - p_y,   logp = log1p(-q) if q < 1/2 else (z_y - m) - log(s),   p_v = exp(z_v - m) / s
 
-stay exact.  WSPO gradient in forward: with ``w_t`` the per-token weight of the reduction
-(m_t / n_b / B') and ``k_t = gamma * l^ref_t + l^aligned_t - l^base_t`` (constants for the policy),
+WSPO gradient in forward: with ``w_t`` the per-token weight of the reduction (m_t / n_b / B') and
+``k_t = gamma * l^ref_t + l^aligned_t - l^base_t`` (constants for the policy),
 
     d_t = gamma * logp_t - k_t,   loss_t = w_t * d_t^2,   c_t = 2 * gamma * w_t * d_t
-    dL/dz_{t,v} = -c_t * exp(z_{t,v} - m_t) / s_t   (v != y_t),    dL/dz_{t,y} = -c_t * expm1(logp_t)
+    dL/dz_{t,v} = -c_t * p_{t,v}   (v != y_t),    dL/dz_{t,y} = c_t * q_t
 
-(expm1: no cancellation as p_y -> 1), so the policy row is swept twice (statistics, then the
-gradient) and nothing is saved but the gradient.
+so the policy row is swept twice (statistics, then the gradient) and nothing is saved but the gradient.
 
 The contract every backend module implements:
 
-    logprobs(logits, labels, ignore_index) -> (logp [N], stats [2, N])      stats: (m, s); (0, 1) if ignored
+    logprobs(logits, labels, ignore_index) -> (logp [N], stats [3, N])   stats: (m, s, r); (0, 1, 0) if ignored
     logprobs_backward(logits, labels, stats, grad_logp, ignore_index, out) -> out      (dL/dlogits)
     weak_log_ratio(aligned, base, labels, ignore_index) -> l^a - l^w [N]            (vocab may differ)
     wspo_rows(policy, labels, k, weight, gamma, ignore_index, grad) -> (loss_t [N], logp [N])
@@ -76,47 +77,61 @@ def _take(x, r: slice, seq_len):
     return x[b, r.start - b * seq_len:r.stop - b * seq_len]
 
 
+def _set_label_entry(block, labels, mask, v0, value):
+    """block[i, labels[i] - v0] = value (a number or [n, 1]) on the rows whose label lies in this block."""
+    local = labels - v0
+    hit = (mask & (local >= 0) & (local < block.shape[1]))[:, None]
+    idx = torch.where(hit, local[:, None], torch.zeros_like(local[:, None]))
+    value = torch.as_tensor(value, dtype=block.dtype, device=block.device)
+    block.scatter_(1, idx, torch.where(hit, value, block.gather(1, idx)))
+
+
+def logp_and_q(z_y, m, s, r):
+    """(logp, q = 1 - p_y) from the label logit and the row statistics, both accurate as p_y -> 1."""
+    q = r / s
+    return torch.where(q < 0.5, torch.log1p(-q), (z_y - m) - torch.log(s)), q
+
+
 def _stats_and_logp(x: torch.Tensor, labels: torch.Tensor, ignore_index: int):
-    """Row statistics (m, s) over vocab blocks for a block of rows, and logp; (0, 1, 0) on ignored rows."""
+    """Row statistics (m, s, r) over vocab blocks for a block of rows, logp and q; ignored rows (0, 1, 0), 0, 0."""
     acc = _acc_dtype(x)
+    mask = labels != ignore_index
+    safe = torch.where(mask, labels, torch.zeros_like(labels))
     m = torch.full((x.shape[0],), float("-inf"), dtype=acc, device=x.device)
-    s = torch.zeros(x.shape[0], dtype=acc, device=x.device)
+    r = torch.zeros(x.shape[0], dtype=acc, device=x.device)
     for v0 in range(0, x.shape[1], VOCAB_BLOCK):
         xb = x[:, v0:v0 + VOCAB_BLOCK].to(acc)
         m_new = torch.maximum(m, xb.amax(1))
         shift = torch.where(m_new == float("-inf"), torch.zeros_like(m_new), m_new)  # all -inf so far: no rescale
-        s = s * torch.exp(m - shift) + torch.exp(xb - shift[:, None]).sum(1)
+        e = torch.exp(xb - shift[:, None])
+        _set_label_entry(e, labels, mask, v0, 0.0)  # the label's term stays out of r
+        r = r * torch.exp(m - shift) + e.sum(1)
         m = m_new
-    mask = labels != ignore_index
-    safe = torch.where(mask, labels, torch.zeros_like(labels))
     z_y = x.gather(1, safe[:, None]).squeeze(1).to(acc)
-    logp = torch.where(mask, (z_y - m) - torch.log(s), torch.zeros_like(m))
-    m = torch.where(mask, m, torch.zeros_like(m))
-    s = torch.where(mask, s, torch.ones_like(s))
-    return m, s, logp
+    s = r + torch.exp(z_y - m)
+    logp, q = logp_and_q(z_y, m, s, r)
+    zero = torch.zeros_like(m)
+    return (torch.where(mask, m, zero), torch.where(mask, s, torch.ones_like(s)), torch.where(mask, r, zero),
+            torch.where(mask, logp, zero), torch.where(mask, q, zero))
 
 
-def _write_grad(x, labels, m, s, logp, coef, ignore_index, out):
-    """out = coef * (onehot(label) - exp(x - m) / s), block by block; ignored rows get zeros.
-
-    ``out`` may be ``x`` itself: each block is read before it is overwritten.
+def _write_grad(x, labels, m, s, q, coef, ignore_index, out):
+    """out = coef * (onehot(label) - exp(x - m) / s), block by block, the label entry as coef * q;
+    ignored rows get zeros.  ``out`` may be ``x`` itself: each block is read before it is overwritten.
     """
     acc = _acc_dtype(x)
     mask = labels != ignore_index
     ignored = ~mask[:, None]
     m_col = m[:, None]
     scale = torch.where(mask, -coef / s, torch.zeros_like(coef))[:, None]
-    label_value = (-coef * torch.expm1(logp))[:, None]
+    label_value = (coef * q)[:, None]
     for v0 in range(0, x.shape[1], VOCAB_BLOCK):
         o = out[:, v0:v0 + VOCAB_BLOCK]
         # Write straight into ``out`` when it already has the accumulation dtype.
         g = o if o.dtype == acc else torch.empty(o.shape, dtype=acc, device=o.device)
         torch.sub(x[:, v0:v0 + VOCAB_BLOCK], m_col, out=g).exp_().mul_(scale)
         g.masked_fill_(ignored, 0.0)  # NaN / inf in an ignored row must not leak (0 * NaN)
-        local = labels - v0
-        hit = (mask & (local >= 0) & (local < g.shape[1]))[:, None]
-        idx = torch.where(hit, local[:, None], torch.zeros_like(local[:, None]))
-        g.scatter_(1, idx, torch.where(hit, label_value, g.gather(1, idx)))
+        _set_label_entry(g, labels, mask, v0, label_value)
         if g is not o:
             o.copy_(g)
     return out
@@ -125,23 +140,21 @@ def _write_grad(x, labels, m, s, logp, coef, ignore_index, out):
 def logprobs(logits, labels, ignore_index):
     acc = _acc_dtype(logits)
     n = labels.shape[0]
-    stats = torch.empty(2, n, dtype=acc, device=logits.device)
+    stats = torch.empty(3, n, dtype=acc, device=logits.device)
     logp = torch.empty(n, dtype=acc, device=logits.device)
     T = _seq_len(logits)
     for r in _row_blocks(n, T):
-        stats[0, r], stats[1, r], logp[r] = _stats_and_logp(_take(logits, r, T), labels[r], ignore_index)
+        stats[0, r], stats[1, r], stats[2, r], logp[r], _ = _stats_and_logp(_take(logits, r, T), labels[r],
+                                                                            ignore_index)
     return logp, stats
 
 
 def logprobs_backward(logits, labels, stats, grad_logp, ignore_index, out):
     T = _seq_len(logits, out)
     for r in _row_blocks(labels.shape[0], T):
-        x = _take(logits, r, T)
-        m, s = stats[0, r], stats[1, r]
-        mask = labels[r] != ignore_index
-        z_y = x.gather(1, torch.where(mask, labels[r], 0)[:, None]).squeeze(1).to(m.dtype)
-        logp = torch.where(mask, (z_y - m) - torch.log(s), torch.zeros_like(m))
-        _write_grad(x, labels[r], m, s, logp, grad_logp[r].to(m.dtype), ignore_index, _take(out, r, T))
+        m, s, rest = stats[0, r], stats[1, r], stats[2, r]
+        _write_grad(_take(logits, r, T), labels[r], m, s, rest / s, grad_logp[r].to(m.dtype), ignore_index,
+                    _take(out, r, T))
     return out
 
 
@@ -150,18 +163,18 @@ def weak_log_ratio(aligned, base, labels, ignore_index):
     out = torch.empty(labels.shape[0], dtype=acc, device=aligned.device)
     T = _seq_len(aligned, base)
     for r in _row_blocks(labels.shape[0], T):
-        la = _stats_and_logp(_take(aligned, r, T), labels[r], ignore_index)[2]
-        lw = _stats_and_logp(_take(base, r, T), labels[r], ignore_index)[2]
+        la = _stats_and_logp(_take(aligned, r, T), labels[r], ignore_index)[3]
+        lw = _stats_and_logp(_take(base, r, T), labels[r], ignore_index)[3]
         out[r] = la.to(acc) - lw.to(acc)
     return out
 
 
 def _policy_block(policy, labels, k, weight, gamma, ignore_index, grad):
-    m, s, logp = _stats_and_logp(policy, labels, ignore_index)
+    m, s, _, logp, q = _stats_and_logp(policy, labels, ignore_index)
     d = gamma * logp - k.to(logp.dtype)
     w = weight.to(logp.dtype)
     if grad is not None:
-        _write_grad(policy, labels, m, s, logp, 2.0 * gamma * w * d, ignore_index, grad)
+        _write_grad(policy, labels, m, s, q, 2.0 * gamma * w * d, ignore_index, grad)
     return w * d * d, logp
 
 
@@ -185,7 +198,7 @@ def wspo_four(policy, ref, aligned, base, labels, weight, gamma, ignore_index, g
     T = _seq_len(policy, ref, aligned, base, grad)
     for r in _row_blocks(n, T):
         for i, frozen in enumerate((ref, aligned, base), start=1):
-            logps[i, r] = _stats_and_logp(_take(frozen, r, T), labels[r], ignore_index)[2]
+            logps[i, r] = _stats_and_logp(_take(frozen, r, T), labels[r], ignore_index)[3]
         k = gamma * logps[1, r] + logps[2, r] - logps[3, r]
         loss[r], logps[0, r] = _policy_block(_take(policy, r, T), labels[r], k, weight[r], gamma, ignore_index,
                                              None if grad is None else _take(grad, r, T))

@@ -4,13 +4,14 @@ For rows h_t (hidden [N, H]) and an lm_head W [V, H] (+ bias b), logits z = h W^
 [BM, BV] tiles in SRAM:
 
     forward   grid (row blocks, vocab splits): each program runs a K-loop of tl.dot per tile and merges
-              the tile into per-row statistics (m, s) = (max, sum of exp(z - m)); the label logit z_y is
-              picked out of the tile that holds it (the very value the statistics saw).  The splits'
-              partials are merged afterwards in a fixed order (deterministic):
-                  m = max_i m_i,  s = sum_i s_i exp(m_i - m),  logp = (z_y - m) - log(s)
+              the tile into per-row statistics (m, r) = (max, sum of exp(z - m) without the label's
+              term); the label logit z_y is picked out of the tile that holds it (the very value the
+              statistics saw).  The splits' partials are merged afterwards in a fixed order
+              (deterministic): m = max_i m_i, r = sum_i r_i exp(m_i - m), s = r + exp(z_y - m),
+              q = r / s = 1 - p_y, logp = log1p(-q) if q < 1/2 else (z_y - m) - log(s).
               Frozen models stop here.
     gradient  grid (row blocks, vocab blocks): recompute the tile, G = -c_t exp(z - m_t) / s_t off the
-              label and -c_t expm1(logp_t) on it, with c_t = dL/dlogp_t (WSPO: 2 gamma w_t d_t), then
+              label and c_t q_t on it, with c_t = dL/dlogp_t (WSPO: 2 gamma w_t d_t), then
               dH += G W_tile and dW += G^T H_tile, db += sum_rows G, accumulated in fp32 with atomic adds.
               Row blocks whose c_t are all 0 (ignored tokens) do no work.
 
@@ -29,7 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_rows import _expm1, device_guard
+from .._inputs import STATS_ROWS
+from .torch_rows import logp_and_q
+from .triton_rows import device_guard
 
 BLOCK_M = 64
 BLOCK_V = 128
@@ -61,7 +64,7 @@ def _tile_logits(h_ptr, h_sn, h_sk, w_ptr, w_sv, w_sk, b_ptr, b_s, rows, row_ok,
 
 @triton.jit
 def _stats_kernel(h_ptr, h_sn, h_sk, w_ptr, w_sv, w_sk, b_ptr, b_s, labels_ptr, ignore_index, N, V, H,
-                  cols_per_split, m_ptr, s_ptr, zy_ptr,
+                  cols_per_split, m_ptr, r_ptr, zy_ptr,
                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                   IEEE: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -71,21 +74,22 @@ def _stats_kernel(h_ptr, h_sn, h_sk, w_ptr, w_sv, w_sk, b_ptr, b_s, labels_ptr, 
     y = tl.load(labels_ptr + rows, mask=rows < N, other=ignore_index)
     row_ok = (rows < N) & (y != ignore_index)
     m = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
-    s = tl.zeros([BLOCK_M], dtype=tl.float32)
+    r = tl.zeros([BLOCK_M], dtype=tl.float32)
     zy = tl.zeros([BLOCK_M], dtype=tl.float32)
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         z = _tile_logits(h_ptr, h_sn, h_sk, w_ptr, w_sv, w_sk, b_ptr, b_s, rows, row_ok, cols, v_end, H, HAS_BIAS,
                          BLOCK_M, BLOCK_V, BLOCK_K, IEEE)
-        zy += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+        is_label = cols[None, :] == y[:, None]
+        zy += tl.sum(tl.where(is_label, z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         shift = tl.where(m_new == -float("inf"), 0.0, m_new)
-        s = s * tl.exp2((m - shift) * 1.4426950408889634) + \
-            tl.sum(tl.exp2((z - shift[:, None]) * 1.4426950408889634), axis=1)
+        e = tl.where(is_label, 0.0, tl.exp2((z - shift[:, None]) * 1.4426950408889634))
+        r = r * tl.exp2((m - shift) * 1.4426950408889634) + tl.sum(e, axis=1)
         m = m_new
     out = split * N + rows
     tl.store(m_ptr + out, m, mask=rows < N)
-    tl.store(s_ptr + out, s, mask=rows < N)
+    tl.store(r_ptr + out, r, mask=rows < N)
     tl.store(zy_ptr + out, zy, mask=rows < N)
 
 
@@ -103,11 +107,10 @@ def _grad_kernel(h_ptr, h_sn, h_sk, w_ptr, w_sv, w_sk, b_ptr, b_s, labels_ptr, s
                      BLOCK_M, BLOCK_V, BLOCK_K, IEEE)
     m = tl.load(stats_ptr + rows, mask=live, other=0.0)
     s = tl.load(stats_ptr + N + rows, mask=live, other=1.0)
+    q = tl.load(stats_ptr + 2 * N + rows, mask=live, other=0.0) / s
     y = tl.load(labels_ptr + rows, mask=live, other=-1)
-    is_label = cols[None, :] == y[:, None]
-    logp = (tl.sum(tl.where(is_label, z, 0.0), axis=1) - m) - tl.log(s)   # used only where the label is in the tile
     g = (-coef / s)[:, None] * tl.exp2((z - m[:, None]) * 1.4426950408889634)
-    g = tl.where(is_label, (-coef * _expm1(logp))[:, None], g)
+    g = tl.where(cols[None, :] == y[:, None], (coef * q)[:, None], g)
     g = tl.where((cols < V)[None, :] & live[:, None], g, 0.0)
     if GRAD_W and HAS_BIAS:
         tl.atomic_add(db_ptr + cols, tl.sum(g, axis=0), mask=cols < V)
@@ -151,17 +154,18 @@ def _stats_and_label_logit(hidden, weight, bias, labels, ignore_index):
     splits = max(1, min(VOCAB_SPLITS, triton.cdiv(V, BLOCK_V)))
     cols_per_split = triton.cdiv(triton.cdiv(V, splits), BLOCK_V) * BLOCK_V
     m = torch.empty(splits, n, dtype=torch.float32, device=hidden.device)
-    s, zy = torch.empty_like(m), torch.empty_like(m)
+    r, zy = torch.empty_like(m), torch.empty_like(m)
     args, meta = _operands(hidden, weight, bias)
     with device_guard(hidden):
         _stats_kernel[(triton.cdiv(n, BLOCK_M), splits)](*args, labels, ignore_index, n, V, H, cols_per_split,
-                                                         m, s, zy, **meta)
-    # Fixed-order merge of the splits (an empty split has m = -inf, s = 0); exactly one split holds the
+                                                         m, r, zy, **meta)
+    # Fixed-order merge of the splits (an empty split has m = -inf, r = 0); exactly one split holds the
     # label, the others contribute 0.
     m_all = m.amax(0)
     safe = torch.where(m_all == float("-inf"), torch.zeros_like(m_all), m_all)
-    s_all = torch.where(m == float("-inf"), torch.zeros_like(s), s * torch.exp(m - safe)).sum(0)
-    return m_all, s_all, zy.sum(0)
+    r_all = torch.where(m == float("-inf"), torch.zeros_like(r), r * torch.exp(m - safe)).sum(0)
+    z_y = zy.sum(0)
+    return m_all, r_all + torch.exp(z_y - m_all), r_all, z_y
 
 
 def _gradients(hidden, weight, bias, labels, stats, coef, grad_hidden, grad_weight):
@@ -184,14 +188,17 @@ def _gradients(hidden, weight, bias, labels, stats, coef, grad_hidden, grad_weig
 
 
 def _logp(hidden, weight, bias, labels, ignore_index):
-    """(logp [N], stats [2, N], mask): 0 / (0, 1) on ignored rows."""
+    """(logp [N], stats [3, N] = (m, s, r), mask): 0 / (0, 1, 0) on ignored rows."""
     mask = labels != ignore_index
     n = hidden.shape[0]
     if n == 0:
-        return (hidden.new_zeros(0, dtype=torch.float32), hidden.new_zeros(2, 0, dtype=torch.float32), mask)
-    m, s, z_y = _stats_and_label_logit(hidden, weight, bias, labels, ignore_index)
-    logp = torch.where(mask, (z_y - m) - torch.log(s), torch.zeros_like(m))
-    stats = torch.stack([torch.where(mask, m, torch.zeros_like(m)), torch.where(mask, s, torch.ones_like(s))])
+        return (hidden.new_zeros(0, dtype=torch.float32), hidden.new_zeros(STATS_ROWS, 0, dtype=torch.float32),
+                mask)
+    m, s, r, z_y = _stats_and_label_logit(hidden, weight, bias, labels, ignore_index)
+    zero = torch.zeros_like(m)
+    logp = torch.where(mask, logp_and_q(z_y, m, s, r)[0], zero)
+    stats = torch.stack([torch.where(mask, m, zero), torch.where(mask, s, torch.ones_like(s)),
+                         torch.where(mask, r, zero)])
     return logp, stats, mask
 
 

@@ -2,12 +2,15 @@
 
 Math (see ``torch_rows`` for the contract; here in the exp2 form):
 
-    row statistics over vocab blocks of BLOCK columns, for a row z (log2e = 1/ln 2):
-        m' = max(m, max_j z_j);   s' = s * 2^((m - m') log2e) + sum_j 2^((z_j - m') log2e)
-    logp = (z_y - m) - ln(s)               (z_y loaded directly; ignore_index rows are never read)
+    row statistics over vocab blocks of BLOCK columns, for a row z (log2e = 1/ln 2), the label's own
+    term left out of the sum:
+        m' = max(m, max_j z_j);   r' = r * 2^((m - m') log2e) + sum_{j != y} 2^((z_j - m') log2e)
+    s = r + exp(z_y - m), q = r / s = 1 - p_y          (z_y loaded directly)
+    logp = log1p(-q) if q < 1/2 else (z_y - m) - ln(s)  (exact at large offsets and as p_y -> 1)
     WSPO: d = gamma * logp^policy - k,  k = gamma * l^ref + l^aligned - l^base (read from the frozen
           rows in the same program, or given), loss = w d^2, and in a second sweep of the policy row
-          grad_v = -c 2^((z_v - m) log2e) / s,  grad_y = -c expm1(logp),  c = 2 gamma w d.
+          grad_v = -c 2^((z_v - m) log2e) / s,  grad_y = c q,  c = 2 gamma w d.
+    Rows whose label is ignore_index are never read.
 
 Rows are addressed as (b, t) = (row // T, row % T) with each operand's own strides, so views of a
 wider vocabulary, transposed or expanded logits are read where they lie, and the gradient is written
@@ -19,6 +22,8 @@ import contextlib
 import os
 
 import torch
+
+from .._inputs import STATS_ROWS
 
 try:
     import triton
@@ -55,34 +60,41 @@ if triton is not None:
         return base + (row // inner) * outer_stride + (row % inner) * inner_stride
 
     @triton.jit
-    def _expm1(x):
-        """exp(x) - 1 without cancellation near 0 (Kahan: (u - 1) * x / log(u), u = exp(x))."""
-        u = tl.exp(x)
-        um1 = u - 1.0
-        log_u = tl.log(tl.where((u == 1.0) | (um1 == -1.0), 2.0, u))  # finite in the branches not taken
-        return tl.where(u == 1.0, x, tl.where(um1 == -1.0, -1.0, um1 * x / log_u))
+    def _log1p(x):
+        """log(1 + x) without cancellation near 0 (Goldberg: x * log(u) / (u - 1), u = 1 + x)."""
+        u = 1.0 + x
+        log_u = tl.log(u)
+        return tl.where(u == 1.0, x, x * log_u / tl.where(u == 1.0, 1.0, u - 1.0))
 
     @triton.jit
-    def _row_stats(x_ptr, V, BLOCK: tl.constexpr):
-        """(max m, sum of exp(z - m)) of one row, in fp32, merged online over blocks."""
+    def _logp_q(z_y, m, s, r):
+        """(logp, q = 1 - p_y) from the label logit and the row statistics."""
+        q = r / s
+        return tl.where(q < 0.5, _log1p(-q), (z_y - m) - tl.log(s)), q
+
+    @triton.jit
+    def _row_stats(x_ptr, V, y, BLOCK: tl.constexpr):
+        """(m, s, r, z_y) of one row in fp32: max, sum of exp(z - m), that sum without the label's term."""
         offs = tl.arange(0, BLOCK)
         m = -float("inf")
-        s = 0.0
+        r = 0.0
         for v0 in range(0, V, BLOCK):
-            x = tl.load(x_ptr + v0 + offs, mask=v0 + offs < V, other=-float("inf")).to(tl.float32)
+            cols = v0 + offs
+            x = tl.load(x_ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, axis=0))
             shift = tl.where(m_new == -float("inf"), 0.0, m_new)  # an all -inf prefix has nothing to rescale
-            s = s * tl.exp2((m - shift) * 1.4426950408889634) + tl.sum(tl.exp2((x - shift) * 1.4426950408889634),
-                                                                     axis=0)
+            e = tl.where(cols == y, 0.0, tl.exp2((x - shift) * 1.4426950408889634))
+            r = r * tl.exp2((m - shift) * 1.4426950408889634) + tl.sum(e, axis=0)
             m = m_new
-        return m, s
+        z_y = tl.load(x_ptr + y).to(tl.float32)
+        return m, r + tl.exp(z_y - m), r, z_y
 
     @triton.jit
-    def _row_grad(x_ptr, out_ptr, V, m, s, coef, y, logp, BLOCK: tl.constexpr):
-        """out = coef * (onehot(y) - exp(x - m) / s); out may be x (each block is read before written)."""
+    def _row_grad(x_ptr, out_ptr, V, m, s, coef, y, q, BLOCK: tl.constexpr):
+        """out = coef * (onehot(y) - exp(x - m) / s), the label entry coef * q; out may be x."""
         offs = tl.arange(0, BLOCK)
         scale = -coef / s
-        label_value = -coef * _expm1(logp)
+        label_value = coef * q
         for v0 in range(0, V, BLOCK):
             cols = v0 + offs
             x = tl.load(x_ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
@@ -105,12 +117,13 @@ if triton is not None:
             tl.store(logp_ptr + row, 0.0)
             tl.store(stats_ptr + row, 0.0)
             tl.store(stats_ptr + n_rows + row, 1.0)
+            tl.store(stats_ptr + 2 * n_rows + row, 0.0)
             return
-        x_row = _row_ptr(x_ptr, row, x_s0, x_s1, x_t)
-        m, s = _row_stats(x_row, V, BLOCK)
+        m, s, r, z_y = _row_stats(_row_ptr(x_ptr, row, x_s0, x_s1, x_t), V, y, BLOCK)
         tl.store(stats_ptr + row, m)
         tl.store(stats_ptr + n_rows + row, s)
-        tl.store(logp_ptr + row, (tl.load(x_row + y).to(tl.float32) - m) - tl.log(s))
+        tl.store(stats_ptr + 2 * n_rows + row, r)
+        tl.store(logp_ptr + row, _logp_q(z_y, m, s, r)[0])
 
     @triton.jit
     def _logprobs_backward_kernel(x_ptr, x_s0, x_s1, x_t, V, labels_ptr, ignore_index, stats_ptr, n_rows, g_ptr,
@@ -124,13 +137,13 @@ if triton is not None:
         x_row = _row_ptr(x_ptr, row, x_s0, x_s1, x_t)
         m = tl.load(stats_ptr + row)
         s = tl.load(stats_ptr + n_rows + row)
-        logp = (tl.load(x_row + y).to(tl.float32) - m) - tl.log(s)
-        _row_grad(x_row, out_row, V, m, s, tl.load(g_ptr + row), y, logp, BLOCK)
+        q = tl.load(stats_ptr + 2 * n_rows + row) / s
+        _row_grad(x_row, out_row, V, m, s, tl.load(g_ptr + row), y, q, BLOCK)
 
     @triton.jit
     def _row_logp(x_row, V, y, BLOCK: tl.constexpr):
-        m, s = _row_stats(x_row, V, BLOCK)
-        return (tl.load(x_row + y).to(tl.float32) - m) - tl.log(s)
+        m, s, r, z_y = _row_stats(x_row, V, y, BLOCK)
+        return _logp_q(z_y, m, s, r)[0]
 
     @triton.jit
     def _weak_log_ratio_kernel(a_ptr, a_s0, a_s1, a_t, Va, b_ptr, b_s0, b_s1, b_t, Vb, labels_ptr, ignore_index,
@@ -172,14 +185,14 @@ if triton is not None:
         else:
             k = tl.load(k_ptr + row)
         p_row = _row_ptr(p_ptr, row, p_s0, p_s1, p_t)
-        m, s = _row_stats(p_row, V, BLOCK)
-        logp = (tl.load(p_row + y).to(tl.float32) - m) - tl.log(s)
+        m, s, r, z_y = _row_stats(p_row, V, y, BLOCK)
+        logp, q = _logp_q(z_y, m, s, r)
         d = gamma * logp - k
         w = tl.load(w_ptr + row)
         tl.store(logps_ptr + row, logp)
         tl.store(loss_ptr + row, w * d * d)
         if WRITE_GRAD:
-            _row_grad(p_row, _row_ptr(grad_ptr, row, g_s0, g_s1, g_t), V, m, s, 2.0 * gamma * w * d, y, logp, BLOCK)
+            _row_grad(p_row, _row_ptr(grad_ptr, row, g_s0, g_s1, g_t), V, m, s, 2.0 * gamma * w * d, y, q, BLOCK)
 
     @triton.jit
     def _scale_rows_kernel(g_ptr, g_s0, g_s1, g_t, scale_ptr, V, BLOCK: tl.constexpr):
@@ -222,7 +235,7 @@ def device_guard(x: torch.Tensor):
 
 def logprobs(logits, labels, ignore_index):
     n, V = labels.shape[0], logits.shape[-1]
-    logp, stats = _f32(n, logits), torch.empty(2, n, dtype=torch.float32, device=logits.device)
+    logp, stats = _f32(n, logits), torch.empty(STATS_ROWS, n, dtype=torch.float32, device=logits.device)
     if n:
         block = _block(V)
         with device_guard(logits):
