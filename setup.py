@@ -2,10 +2,13 @@
 
     pip install --no-build-isolation -e .      # torch must be importable while building
 
-CPU: csrc/cpu/wspo_cpu.cpp is compiled once per CPU capability into ``wspo_kernels._C_avx512``,
-``_C_avx2`` and ``_C_default``; the backend loads the one the running CPU supports.  CUDA: csrc/cuda
-is compiled into ``wspo_kernels._C_cuda`` only when the installed torch has CUDA and nvcc is found.
-Every extension is optional: without a compiler the package installs pure-Python and says so.
+CPU: one extension, ``wspo_kernels._C``.  Its bindings (csrc/cpu/wspo_cpu.cpp) are compiled for the
+baseline ISA; the kernels (csrc/cpu/kernels.cpp) are compiled once per instruction set -- AVX-512 and
+AVX2 on x86-64, plus the baseline copy (SSE on x86-64, NEON on aarch64, no x86 flags elsewhere) -- and
+linked into the same module; the bindings pick the copy the running CPU supports (ATen's design: one
+module to import, nothing executed that the CPU cannot run).  CUDA: csrc/cuda is compiled into
+``wspo_kernels._C_cuda`` only when the installed torch has CUDA and nvcc is found.  Every extension
+is optional: without a compiler the package installs pure-Python and says so.
 ``WSPO_KERNELS_NO_NATIVE=1`` skips the native build.
 """
 import os
@@ -13,26 +16,47 @@ import platform
 
 from setuptools import setup
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-CPU_SOURCE = "csrc/cpu/wspo_cpu.cpp"
+CPU_BINDINGS = "csrc/cpu/wspo_cpu.cpp"
+CPU_KERNELS = "csrc/cpu/kernels.cpp"
 CUDA_SOURCES = ["csrc/cuda/wspo_cuda.cu", "csrc/cuda/bindings.cpp"]
-# name suffix, ATen capability macro, compiler flags
-X86_CAPABILITIES = [
+# name, ATen capability macro, compiler flags: one copy of the kernels each
+X86_ISAS = [
     ("avx512", "CPU_CAPABILITY_AVX512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]),
     ("avx2", "CPU_CAPABILITY_AVX2", ["-mavx2", "-mfma", "-mf16c"]),
 ]
 
 
-def _cpu_extensions(CppExtension):
-    caps = X86_CAPABILITIES if platform.machine().lower() in ("x86_64", "amd64") else []
-    exts = []
-    for name, macro, flags in caps + [("default", None, [])]:
-        defines = [("CPU_CAPABILITY", f"wspo_{name}"), ("WSPO_CAPABILITY_NAME", f'"{name}"')]
-        if macro:
-            defines.append((macro, None))
-        exts.append(CppExtension(f"wspo_kernels._C_{name}", [CPU_SOURCE], define_macros=defines, optional=True,
-                                 extra_compile_args=["-O3"] + flags))
-    return exts
+def _isas():
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return (X86_ISAS if x86 else []) + [("default", None, [])]
+
+
+def _kernel_copies(BuildExtension):
+    """build_ext that compiles kernels.cpp once per ISA (its own flags and namespace) into the CPU extension."""
+
+    class BuildWithKernelCopies(BuildExtension):
+        def build_extension(self, ext):
+            copies = getattr(ext, "kernel_copies", None)
+            if copies:
+                ext.extra_objects = []
+                for name, macro, flags in copies:
+                    macros = [("CPU_CAPABILITY", f"wspo_{name}"), ("WSPO_CAPABILITY_NAME", f'"{name}"'),
+                              ("WSPO_TABLE", f"table_{name}")] + ([(macro, None)] if macro else [])
+                    ext.extra_objects += self.compiler.compile(
+                        [CPU_KERNELS], output_dir=os.path.join(self.build_temp, f"isa_{name}"), macros=macros,
+                        include_dirs=ext.include_dirs, extra_postargs=["-O3", "-std=c++17", "-fPIC"] + flags)
+            super().build_extension(ext)
+
+    return BuildWithKernelCopies
+
+
+def _cpu_extension(CppExtension):
+    isas = _isas()
+    have = [(f"WSPO_HAVE_{name.upper()}", None) for name, _, _ in isas if name != "default"]
+    ext = CppExtension("wspo_kernels._C", [CPU_BINDINGS], define_macros=have, optional=True,
+                       extra_compile_args=["-O3"])
+    ext.kernel_copies = isas
+    return ext
 
 
 def _cuda_extensions(CUDAExtension, CUDA_HOME):
@@ -52,8 +76,8 @@ def _extensions():
         print("wspo-kernels: torch is not importable at build time (use pip --no-build-isolation); "
               "installing without native kernels")
         return [], {}
-    exts = _cpu_extensions(CppExtension) + _cuda_extensions(CUDAExtension, CUDA_HOME)
-    return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    exts = [_cpu_extension(CppExtension)] + _cuda_extensions(CUDAExtension, CUDA_HOME)
+    return exts, {"build_ext": _kernel_copies(BuildExtension).with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _extensions()

@@ -1,4 +1,4 @@
-// Shared by the CPU and CUDA kernels: the dtypes they take, dispatched to a generic lambda.
+// The CUDA kernels' dtypes, dispatched to a generic lambda (the CPU kernels dispatch on kernels.h's DType).
 #pragma once
 #include <torch/extension.h>
 

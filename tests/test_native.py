@@ -1,5 +1,11 @@
-"""The native CPU build: every compiled capability module (not only the one auto loads) on odd shapes."""
+"""The native CPU build: every kernel copy this CPU can run (not only the one auto picks) on odd shapes,
+and the guarantee that nothing outside a kernel copy needs more than the baseline ISA."""
 import importlib
+import os
+import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,27 +17,25 @@ from wspo_kernels.reference import reference_token_logprobs, reference_wspo_loss
 from helpers import check_grad, check_loss, make_labels, make_logits
 
 
-def _capability_modules():
-    mods = []
-    for name in ("avx512", "avx2", "default"):
-        try:
-            mods.append(importlib.import_module(f"wspo_kernels._C_{name}"))
-        except ImportError:
-            pass
-    return mods
+def _extension():
+    try:
+        return importlib.import_module("wspo_kernels._C")
+    except ImportError:
+        return None
 
 
-MODULES = _capability_modules()
-pytestmark = pytest.mark.skipif(not MODULES, reason="native CPU kernels are not built in this install")
-# Modules this CPU can execute: the ones native.py would fall back through for its capability.
-RUNNABLE = native._CAPABILITY_ORDER.get(torch.backends.cpu.get_cpu_capability(), ("default",))
-CPU_CAPS = [m for m in MODULES if m.capability in RUNNABLE]
+EXT = _extension()
+pytestmark = pytest.mark.skipif(EXT is None, reason="native CPU kernels are not built in this install")
+COPIES = EXT.available_capabilities() if EXT is not None else []
 
 
-@pytest.fixture(params=CPU_CAPS, ids=lambda m: m.capability)
-def capability(request, monkeypatch):
-    monkeypatch.setitem(native._loaded, "cpu", request.param)
-    return request.param
+@pytest.fixture(params=COPIES)
+def capability(request):
+    """Run the test on one kernel copy, then restore the one native.py chose."""
+    chosen = EXT.capability()
+    EXT.use_capability(request.param)
+    yield request.param
+    EXT.use_capability(chosen)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -104,3 +108,67 @@ def test_cuda_tensors_without_cuda_build_give_a_clear_reason(monkeypatch):
     monkeypatch.delitem(native._loaded, "cuda", raising=False)
     reason = native.unavailable_reason(torch.device("cuda"), torch.float32)
     assert reason is None or "CUDA kernels" in reason
+
+
+def test_the_chosen_copy_follows_torch_and_the_cpu():
+    assert native.capability() == native.preferred_capability(EXT) == EXT.capability()
+    assert EXT.available_capabilities()[-1] == "default"
+    with pytest.raises(RuntimeError, match="not available here"):
+        EXT.use_capability("sve256")
+
+
+# Instructions that need more than the x86-64 baseline: VEX/EVEX encodings (v-prefixed), ymm/zmm
+# registers, AVX-512 masks.
+_BEYOND_BASELINE = re.compile(r"\tv[a-z0-9]+\s|%[yz]mm|\{%k[1-7]\}")
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None or not sys.platform.startswith("linux"),
+                    reason="needs objdump (binutils)")
+def test_only_kernel_copies_contain_avx_instructions():
+    """Bindings, module init and every shared inline function must run on a CPU without AVX: the linker
+    keeps one copy of each inline function, so one compiled with -mavx512f would crash an AVX2 CPU."""
+    if not any(c in COPIES for c in ("avx2", "avx512")):
+        pytest.skip("no x86 kernel copies in this build")
+    dump = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", EXT.__file__], capture_output=True,
+                          text=True, check=True).stdout
+    offenders, function = set(), ""
+    for line in dump.splitlines():
+        if line.endswith(">:"):
+            function = line
+        elif _BEYOND_BASELINE.search(line) and "wspo_avx2::" not in function and "wspo_avx512::" not in function:
+            offenders.add(function)
+    assert not offenders, f"AVX instructions outside the kernel copies: {sorted(offenders)[:5]}"
+
+
+QEMU = shutil.which("qemu-x86_64")
+_EMULATED = """
+import torch, wspo_kernels as wk
+from wspo_kernels.backends import native
+from wspo_kernels.reference import reference_wspo_loss
+g = torch.Generator().manual_seed(0)
+x = [torch.randn(2, 5, 301, generator=g) for _ in range(4)]
+y = torch.randint(0, 301, (2, 5), generator=g)
+p = x[0].clone().requires_grad_()
+loss = wk.wspo_loss(p, y, ref=x[1], weak_aligned=x[2], weak_base=x[3], backend="native")
+loss.backward()
+p64 = x[0].double().requires_grad_()
+ref = reference_wspo_loss(p64, y, ref=x[1].double(), weak_aligned=x[2].double(), weak_base=x[3].double())
+ref.backward()
+assert abs(float(loss) - float(ref)) <= 1e-5 * abs(float(ref)), (float(loss), float(ref))
+assert (p.grad.double() - p64.grad).abs().max() <= 1e-5 * p64.grad.abs().max()
+print(native.capability())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(QEMU is None or not sys.platform.startswith("linux"), reason="needs qemu-x86_64 (qemu-user)")
+@pytest.mark.parametrize("cpu,expected", [("Haswell", "avx2"), ("Nehalem", "default")])
+def test_runs_on_an_older_cpu(cpu, expected):
+    """The native kernels on an emulated AVX2-only (Haswell) and AVX-less (Nehalem) CPU: exact, no SIGILL."""
+    if "avx512" not in COPIES and "avx2" not in COPIES:
+        pytest.skip("no x86 kernel copies in this build")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([QEMU, "-cpu", cpu, sys.executable, "-c", _EMULATED], capture_output=True, text=True,
+                         env=env, timeout=900)
+    assert out.returncode == 0, f"under qemu -cpu {cpu}: rc {out.returncode}\n{out.stderr[-2000:]}"
+    assert out.stdout.strip().splitlines()[-1] == expected

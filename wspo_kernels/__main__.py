@@ -50,6 +50,9 @@ def check(args):
     B, T, V = args.seqs, args.tokens // args.seqs, args.vocab
     print(f"wspo-kernels {wk.__version__} self-check: WSPO loss (gamma={args.gamma}) forward+backward from four "
           f"[{B}, {T}, {V}] {args.dtype} logits; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    from .backends import native
+    print(f"  CPU capability: torch {torch.backends.cpu.get_cpu_capability()}, native kernels "
+          f"{native.capability() or 'unavailable'}")
     labels = torch.randint(0, V, (B, T))
     labels[:, : T // 4] = -100  # prompt tokens
     policy = torch.randn(B, T, V, dtype=dtype).requires_grad_()

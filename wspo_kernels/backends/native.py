@@ -1,11 +1,13 @@
 """Native backend: the csrc/ kernels (C++ on the CPU, CUDA on GPUs) behind the row-kernel contract.
 
-The CPU kernels are built once per capability (``_C_avx512``, ``_C_avx2``, ``_C_default``); the
-module matching ``torch.backends.cpu.get_cpu_capability()`` is loaded.  The CUDA kernels are
+The CPU kernels are one extension, ``wspo_kernels._C``: baseline-ISA bindings and one copy of the
+kernels per instruction set (AVX-512, AVX2, baseline), chosen at load time -- the best copy the CPU
+supports, capped by the capability PyTorch uses (``torch.backends.cpu.get_cpu_capability()``, which
+honours ``ATEN_CPU_CAPABILITY``).  ``capability()`` says which copy runs.  The CUDA kernels are
 ``_C_cuda``, built where torch has CUDA.  When no prebuilt CPU module exists (a source checkout
 installed without building), the CPU sources are compiled once with ``torch.utils.cpp_extension.load``
-if a compiler is found; otherwise the backend reports itself unavailable with a one-line warning and
-``auto`` falls back to the portable backend.
+(baseline copy only) if a compiler is found; otherwise the backend reports itself unavailable with a
+one-line warning and ``auto`` falls back to the portable backend.
 
 Semantics are those of ``torch_rows`` (see its docstring), in float32 accumulation; float64 inputs
 are left to the portable backend.  Mixed dtypes across models are read model by model.
@@ -18,9 +20,10 @@ import warnings
 import torch
 
 NAME = "native"
+# torch's capability -> the kernel copies it allows, best first (the CPU may support fewer).
 _CAPABILITY_ORDER = {"AVX512": ("avx512", "avx2", "default"), "AVX2": ("avx2", "default")}
-_CPU_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                           "csrc", "cpu", "wspo_cpu.cpp")
+_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc", "cpu")
+_CPU_SOURCES = [os.path.join(_CSRC, "wspo_cpu.cpp"), os.path.join(_CSRC, "kernels.cpp")]
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _loaded = {}   # device type -> module, or the reason it is missing (str)
 
@@ -28,22 +31,35 @@ _loaded = {}   # device type -> module, or the reason it is missing (str)
 def _jit_build_cpu():
     from torch.utils.cpp_extension import load
     warnings.warn("wspo_kernels: building the native CPU kernels once (no prebuilt module found)")
-    return load("wspo_kernels_cpu_jit", [_CPU_SOURCE], extra_cflags=["-O3", '-DWSPO_CAPABILITY_NAME="jit"'])
+    return load("wspo_kernels_cpu_jit", _CPU_SOURCES,
+                extra_cflags=["-O3", "-DCPU_CAPABILITY=wspo_default", '-DWSPO_CAPABILITY_NAME="default"',
+                              "-DWSPO_TABLE=table_default"])
+
+
+def preferred_capability(module) -> str:
+    """The best kernel copy of ``module`` that both this CPU and torch's capability setting allow."""
+    allowed = _CAPABILITY_ORDER.get(torch.backends.cpu.get_cpu_capability(), ("default",))
+    return next(c for c in module.available_capabilities() if c in allowed)
 
 
 def _find_cpu():
-    capability = torch.backends.cpu.get_cpu_capability()
-    for name in _CAPABILITY_ORDER.get(capability, ("default",)):
-        try:
-            return importlib.import_module(f"wspo_kernels._C_{name}")
-        except ImportError:
-            continue
-    if not (os.path.exists(_CPU_SOURCE) and shutil.which(os.environ.get("CXX", "c++"))):
-        return "no compiled module (wspo_kernels._C_*) and no C++ compiler to build one"
     try:
-        return _jit_build_cpu()
-    except Exception as exc:  # a failed JIT build leaves the portable backend in charge
-        return f"JIT build failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        module = importlib.import_module("wspo_kernels._C")
+    except ImportError:
+        if not (all(os.path.exists(f) for f in _CPU_SOURCES) and shutil.which(os.environ.get("CXX", "c++"))):
+            return "no compiled module (wspo_kernels._C) and no C++ compiler to build one"
+        try:
+            module = _jit_build_cpu()
+        except Exception as exc:  # a failed JIT build leaves the portable backend in charge
+            return f"JIT build failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    module.use_capability(preferred_capability(module))
+    return module
+
+
+def capability():
+    """The CPU kernel copy that runs ('avx512', 'avx2', 'default'), or None without native CPU kernels."""
+    found = _module("cpu")
+    return None if isinstance(found, str) else found.capability()
 
 
 def _find_cuda():

@@ -150,6 +150,9 @@ def machine_info(device):
         info["triton"] = None
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    else:  # the ISA every CPU table names: torch's kernels and the native kernel copy that ran
+        from ..backends import native
+        info["isa"] = f"torch {torch.backends.cpu.get_cpu_capability()}, native {native.capability() or 'unavailable'}"
     here = os.path.dirname(os.path.abspath(__file__))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here)
     info["commit"] = commit.stdout.strip() or None
@@ -233,7 +236,7 @@ def add_ratios(rows):
 
 
 def markdown(info, rows):
-    where = info.get("gpu") or f"{info['cpu']} ({info['threads']} threads)"
+    where = info.get("gpu") or f"{info['cpu']} ({info['threads']} threads; ISA: {info.get('isa', 'not recorded')})"
     head = [f"{where}; torch {info['torch']}, triton {info['triton']}, commit {info['commit']}; copy bandwidth "
             f"{info['copy_gbps']:.1f} GB/s; bare logits GEMM " + ", ".join(
                 f"{k} {v:.0f} GFLOP/s" for k, v in info["gemm_gflops"].items()), "",

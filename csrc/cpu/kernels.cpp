@@ -1,0 +1,316 @@
+// Native CPU row kernels of wspo-kernels: vectorised (ATen Vectorized<float>), one row range per call.
+//
+// Every kernel works on rows: logits [N, V] or [B, T, V] with unit stride along V and any strides
+// across rows (row i is (b, t) = (i / T, i % T): a vocab-sliced, transposed or expanded view is read
+// in place), labels [N] int64, rows whose label is ignore_index contribute 0 and are never read
+// (NaN or inf there changes nothing).  Accumulation is float32 for fp32 / bf16 / fp16 inputs.
+//
+// Online log-sum-exp, one sweep of the row from memory: the row is cut into blocks of kBlock
+// elements (small enough to stay in L1); for each block
+//     M = max_j z_j;  m' = max(m, M);  s = s * exp(m - m') + sum_j exp(z_j - m')
+// so the block is read twice from L1 and once from memory; the label's own term is left out of the
+// sum: r = sum_{v != y} exp(z_v - m), s = r + exp(z_y - m).  The statistics (m, s, r) are kept apart:
+// logp = (z_y - m) - log(s) stays exact for logits with a large common offset (m + log(s) would round
+// to the offset's ulp), and q = r / s = 1 - p_y keeps its relative accuracy as p_y -> 1, where
+// logp = log1p(-q) (used when q < 1/2).  softmax_v = exp(z_v - m) / s.
+//
+// WSPO in one pass (wspo_four): per row, the statistics of ref, aligned and base (each row read once),
+// then the policy's; d = gamma * (l^p - l^r) - (l^a - l^w), loss = w * d^2 with the per-token weight
+// w (m_t / n_b / B'), and the policy gradient of sum_t loss_t written in a second sweep of the policy
+// row (from cache):  g_v = -c * exp(z_v - m) / s,  g_y = c * q,  c = 2 * gamma * w * d
+// (no cancellation as p_y -> 1).  wspo_rows is the same with the frozen models folded into
+// k = gamma * l^r + l^a - l^w.  Nothing is saved: the caller keeps the gradient; the gradient
+// buffer may be the policy logits (in place, any non-overlapping layout), as each element is read
+// before it is written.
+//
+// This file is compiled once per CPU instruction set with that set's flags (setup.py); CPU_CAPABILITY
+// names this copy's namespace (ATen's Vectorized lives in an inline namespace of the same name, so the
+// copies share no symbols) and WSPO_TABLE names the KernelTable it fills.  It sees raw pointers only
+// (kernels.h); the bindings in wspo_cpu.cpp, compiled for the baseline ISA, choose the copy at run time.
+#include "kernels.h"
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <utility>
+
+namespace wspo_cpu {
+namespace CPU_CAPABILITY {
+
+using Vec = at::vec::Vectorized<float>;
+
+constexpr int64_t kBlock = 4096;                  // elements per online-statistics block (16 KB of fp32)
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// ------------------------------------------------------------------------------------------ row I/O
+// A "step" is two float vectors: one Vectorized<T> of bf16/fp16 widens to exactly two of float.
+template <typename T>
+struct RowIO {
+  using RVec = at::vec::Vectorized<T>;
+  static constexpr int64_t kStep = RVec::size();
+  static_assert(kStep == 2 * Vec::size(), "reduced-precision vector must widen to two float vectors");
+  static inline void load(const T* p, Vec& a, Vec& b) {
+    std::tie(a, b) = at::vec::convert_to_float<T>(RVec::loadu(p));
+  }
+  static inline void load_tail(const T* p, int64_t n, float fill, Vec& a, Vec& b) {
+    std::tie(a, b) = at::vec::convert_to_float<T>(RVec::loadu(p, n));
+    fill_tail(n, fill, a, b);
+  }
+  static inline void store(T* p, const Vec& a, const Vec& b) { at::vec::convert_from_float<T>(a, b).store(p); }
+  static inline void store_tail(T* p, int64_t n, const Vec& a, const Vec& b) {
+    at::vec::convert_from_float<T>(a, b).store(p, n);
+  }
+  static inline void fill_tail(int64_t n, float fill, Vec& a, Vec& b) {
+    const int64_t vs = Vec::size();
+    a = Vec::set(Vec(fill), a, std::min(n, vs));
+    b = n > vs ? Vec::set(Vec(fill), b, n - vs) : Vec(fill);
+  }
+};
+
+template <>
+struct RowIO<float> {
+  static constexpr int64_t kStep = 2 * Vec::size();
+  static inline void load(const float* p, Vec& a, Vec& b) {
+    a = Vec::loadu(p);
+    b = Vec::loadu(p + Vec::size());
+  }
+  static inline void load_tail(const float* p, int64_t n, float fill, Vec& a, Vec& b) {
+    const int64_t vs = Vec::size();
+    a = Vec::set(Vec(fill), Vec::loadu(p, std::min(n, vs)), std::min(n, vs));
+    b = n > vs ? Vec::set(Vec(fill), Vec::loadu(p + vs, n - vs), n - vs) : Vec(fill);
+  }
+  static inline void store(float* p, const Vec& a, const Vec& b) {
+    a.store(p);
+    b.store(p + Vec::size());
+  }
+  static inline void store_tail(float* p, int64_t n, const Vec& a, const Vec& b) {
+    const int64_t vs = Vec::size();
+    a.store(p, std::min(n, vs));
+    if (n > vs) b.store(p + vs, n - vs);
+  }
+};
+
+inline float hmax(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, v);
+}
+inline float hsum(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, v);
+}
+
+// Apply f(a, b) to the row in steps; the tail is padded with `fill`.
+template <typename T, typename F>
+inline void for_steps(const T* x, int64_t n, float fill, F&& f) {
+  using IO = RowIO<T>;
+  Vec a, b;
+  int64_t j = 0;
+  for (; j + IO::kStep <= n; j += IO::kStep) {
+    IO::load(x + j, a, b);
+    f(a, b);
+  }
+  if (j < n) {
+    IO::load_tail(x + j, n - j, fill, a, b);
+    f(a, b);
+  }
+}
+
+// ------------------------------------------------------------------------------------------ row math
+struct Stats {  // a row's max m, sum s of exp(z - m), and that sum r without the label's term
+  float m, s, r;
+};
+
+template <typename T>
+Stats row_stats_of(const T* x, int64_t V, int64_t y) {
+  float m = kNegInf, r = 0.f;
+  for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
+    const T* xb = x + b0;
+    const int64_t n = std::min(kBlock, V - b0);
+    Vec vmax(kNegInf);
+    for_steps(xb, n, kNegInf, [&](const Vec& a, const Vec& b) { vmax = at::vec::maximum(vmax, at::vec::maximum(a, b)); });
+    const float block_max = hmax(vmax);
+    if (block_max == kNegInf) continue;  // nothing to add (and no -inf - -inf)
+    const float m_new = std::max(m, block_max);
+    r *= std::exp(m - m_new);
+    m = m_new;
+    const Vec vm(m);
+    Vec vsum(0.f);
+    auto add = [&](const Vec& a, const Vec& b) { vsum += (a - vm).exp() + (b - vm).exp(); };
+    const int64_t yl = y - b0;
+    if (yl >= 0 && yl < n) {  // the block holding the label: sum around it
+      for_steps(xb, yl, kNegInf, add);
+      for_steps(xb + yl + 1, n - yl - 1, kNegInf, add);
+    } else {
+      for_steps(xb, n, kNegInf, add);
+    }
+    r += hsum(vsum);
+  }
+  return {m, r + std::exp(static_cast<float>(x[y]) - m), r};
+}
+
+// (logp, q = 1 - p_y) of a row, both accurate as p_y -> 1.
+inline std::pair<float, float> logp_q(float z_y, Stats st) {
+  const float q = st.r / st.s;
+  return {q < 0.5f ? std::log1p(-q) : (z_y - st.m) - std::log(st.s), q};
+}
+inline float logp_of(float z_y, Stats st) { return logp_q(z_y, st).first; }
+
+// out = coef * (onehot(y) - exp(x - m) / s), the label entry coef * q; out may alias x.
+template <typename T>
+void row_grad(const T* x, T* out, int64_t V, Stats st, float coef, int64_t y, float q) {
+  using IO = RowIO<T>;
+  const Vec vm(st.m), vc(-coef / st.s);
+  Vec a, b;
+  int64_t j = 0;
+  for (; j + IO::kStep <= V; j += IO::kStep) {
+    IO::load(x + j, a, b);
+    IO::store(out + j, (a - vm).exp() * vc, (b - vm).exp() * vc);
+  }
+  if (j < V) {
+    IO::load_tail(x + j, V - j, kNegInf, a, b);
+    IO::store_tail(out + j, V - j, (a - vm).exp() * vc, (b - vm).exp() * vc);
+  }
+  out[y] = static_cast<T>(coef * q);  // c (1 - p_y) without cancellation as p_y -> 1
+}
+
+template <typename T>
+inline void zero_row(T* out, int64_t V) {
+  std::memset(static_cast<void*>(out), 0, sizeof(T) * V);
+}
+
+// (statistics, label logit) of row i.
+template <typename T>
+inline std::pair<Stats, float> row_stats(const Rows& r, int64_t i, int64_t y) {
+  const T* x = r.row<T>(i);
+  return {row_stats_of(x, r.vocab, y), static_cast<float>(x[y])};
+}
+
+template <typename F>
+void dispatch(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat: return f(float{});
+    case DType::kBFloat16: return f(c10::BFloat16{});
+    case DType::kHalf: return f(c10::Half{});
+  }
+}
+
+// ------------------------------------------------------------------------------------------ kernels
+// logp [n] and stats [3, n] = (m, s, r); (0, 1, 0) on ignored rows.
+void logprobs(const Job& j, int64_t begin, int64_t end) {
+  float *sm = j.stats, *ss = sm + j.n, *sr = ss + j.n;
+  dispatch(j.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t y = j.labels[i];
+      if (y == j.ignore_index) { j.logp[i] = 0.f; sm[i] = 0.f; ss[i] = 1.f; sr[i] = 0.f; continue; }
+      auto [st, z] = row_stats<T>(j.x, i, y);
+      sm[i] = st.m;
+      ss[i] = st.s;
+      sr[i] = st.r;
+      j.logp[i] = logp_of(z, st);
+    }
+  });
+}
+
+// grad = dL/dlogp * (onehot - softmax): the backward of logprobs, from the saved statistics.
+void logprobs_backward(const Job& j, int64_t begin, int64_t end) {
+  const float *sm = j.stats_in, *ss = sm + j.n, *sr = ss + j.n;
+  dispatch(j.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    for (int64_t i = begin; i < end; ++i) {
+      T* out = j.grad->row<T>(i);
+      if (j.labels[i] == j.ignore_index) { zero_row(out, j.x.vocab); continue; }
+      const Stats s{sm[i], ss[i], sr[i]};
+      row_grad(j.x.row<T>(i), out, j.x.vocab, s, j.scale[i], j.labels[i], s.r / s.s);
+    }
+  });
+}
+
+// l^aligned - l^base per row (aligned in x, base in frozen[0]).
+void weak_log_ratio(const Job& j, int64_t begin, int64_t end) {
+  dispatch(j.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t y = j.labels[i];
+      if (y == j.ignore_index) { j.logp[i] = 0.f; continue; }
+      auto [sa, za] = row_stats<T>(j.x, i, y);
+      auto [sw, zw] = row_stats<T>(j.frozen[0], i, y);
+      j.logp[i] = logp_of(za, sa) - logp_of(zw, sw);
+    }
+  });
+}
+
+// Both WSPO kernels: with `four` the one-pass kernel reads the three frozen rows and fills logp
+// [4, n] (policy, ref, aligned, base); without, k = gamma * l^r + l^a - l^w is given and logp is [n].
+void wspo(const Job& j, int64_t begin, int64_t end) {
+  const int n_logps = j.four ? 4 : 1;
+  const float g = j.gamma;
+  dispatch(j.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t y = j.labels[i];
+      if (y == j.ignore_index) {
+        j.loss[i] = 0.f;
+        for (int m = 0; m < n_logps; ++m) j.logp[m * j.n + i] = 0.f;
+        if (j.grad != nullptr) zero_row(j.grad->row<T>(i), j.x.vocab);
+        continue;
+      }
+      float k;
+      if (j.four) {
+        float l[3];
+        for (int m = 0; m < 3; ++m) {
+          auto [st, z] = row_stats<T>(j.frozen[m], i, y);
+          l[m] = logp_of(z, st);
+          j.logp[(m + 1) * j.n + i] = l[m];
+        }
+        k = g * l[0] + l[1] - l[2];
+      } else {
+        k = j.k[i];
+      }
+      auto [st, z] = row_stats<T>(j.x, i, y);
+      const auto [lp, q] = logp_q(z, st);
+      const float d = g * lp - k, w = j.weight[i];
+      j.logp[i] = lp;
+      j.loss[i] = w * d * d;
+      if (j.grad != nullptr) row_grad(j.x.row<T>(i), j.grad->row<T>(i), j.x.vocab, st, 2.f * g * w * d, y, q);
+    }
+  });
+}
+
+// grad[i, :] *= scale[i] in float32, in place (grad in x).
+void scale_rows(const Job& j, int64_t begin, int64_t end) {
+  const int64_t V = j.x.vocab;
+  dispatch(j.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using IO = RowIO<T>;
+    for (int64_t i = begin; i < end; ++i) {
+      if (j.scale[i] == 1.f) continue;  // the usual case (mean / sum reductions): nothing to do
+      T* row = j.x.row<T>(i);
+      const Vec vs(j.scale[i]);
+      Vec a, b;
+      int64_t c = 0;
+      for (; c + IO::kStep <= V; c += IO::kStep) {
+        IO::load(row + c, a, b);
+        IO::store(row + c, a * vs, b * vs);
+      }
+      if (c < V) {
+        IO::load_tail(row + c, V - c, 0.f, a, b);
+        IO::store_tail(row + c, V - c, a * vs, b * vs);
+      }
+    }
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+
+const KernelTable& WSPO_TABLE() {
+  static const KernelTable table{WSPO_CAPABILITY_NAME, CPU_CAPABILITY::logprobs, CPU_CAPABILITY::logprobs_backward,
+                                 CPU_CAPABILITY::weak_log_ratio, CPU_CAPABILITY::wspo, CPU_CAPABILITY::scale_rows};
+  return table;
+}
+
+}  // namespace wspo_cpu
