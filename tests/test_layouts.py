@@ -199,3 +199,31 @@ def test_token_logprobs_layouts(backend):
         want = reference_token_logprobs(a.double(), labels, shift=shift) - \
             reference_token_logprobs(w.double(), labels, shift=shift)
         check_loss(got, want, torch.float32, what=f"weak_log_ratio ({layout})")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_operands_of_any_strides(backend, reduction):
+    """Hidden states, lm_head weight and bias as views (transposed storage, strided): no wrong reads."""
+    g = torch.Generator().manual_seed(9)
+    labels = _labels("contiguous", g)
+    hidden = torch.randn(T, B, 2 * H, generator=g).transpose(0, 1)[..., ::2]     # [B, T, H], strided everywhere
+    weight = torch.randn(H, V, generator=g).t()                                  # column-major [V, H]
+    bias = torch.randn(3 * V, generator=g)[::3]
+    frozen = [(torch.randn(B, T, H, generator=g).transpose(0, 1).contiguous().transpose(0, 1),
+               torch.randn(H, V, generator=g).t(), torch.randn(2 * V, generator=g)[::2]) for _ in range(3)]
+    assert not (hidden.is_contiguous() or weight.is_contiguous() or bias.is_contiguous())
+    hv, wv, bv = (x.detach().requires_grad_() for x in (hidden, weight, bias))  # the strided views themselves
+    loss = wk.linear_wspo_loss(hv, wv, labels, bias=bv, ref=frozen[0], weak_aligned=frozen[1], weak_base=frozen[2],
+                               reduction=reduction, backend=backend)
+    lin = (lambda x, ww, bb: x @ ww.t() + bb)
+    h64, w64, b64 = (x.detach().double().requires_grad_() for x in (hidden, weight, bias))
+    ref = reference_wspo_loss(lin(h64, w64, b64), labels,
+                              **{k: lin(*(t.double() for t in f)) for k, f in zip(("ref", "weak_aligned", "weak_base"),
+                                                                                  frozen)}, reduction=reduction)
+    check_loss(loss, ref, torch.float32)
+    up = torch.linspace(0.5, 1.5, ref.numel(), dtype=torch.float64).reshape(ref.shape)
+    loss.backward(up.float())
+    ref.backward(up)
+    for got, want, name in ((hv.grad, h64.grad, "dh"), (wv.grad, w64.grad, "dW"), (bv.grad, b64.grad, "db")):
+        check_grad(got, want, torch.float32, what=name)

@@ -61,3 +61,31 @@ def test_fully_ignored_batch_does_no_gradient_work():
     loss, dh, dw, db = _run(models, labels, "mean")
     assert loss.item() == 0.0
     assert not dh.any() and not dw.any() and not db.any()
+
+
+def test_launches_run_under_the_operands_device():
+    """Every Triton launch sits inside ``device_guard`` (tensors on a second GPU), and the guard names
+    the tensor's device, not the current one."""
+    import ast
+    import inspect
+
+    from wspo_kernels.backends import triton_linear, triton_rows
+
+    class OnSecondGPU:
+        is_cuda = True
+        device = torch.device("cuda", 1)
+
+    guard = triton_rows.device_guard(OnSecondGPU())
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    for module in (triton_rows, triton_linear):
+        tree = ast.parse(inspect.getsource(module))
+        guarded = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.With) and any(
+                    isinstance(i.context_expr, ast.Call) and getattr(i.context_expr.func, "id", "") == "device_guard"
+                    for i in node.items):
+                guarded |= {id(n) for n in ast.walk(node)}
+        launches = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Subscript)]
+        assert launches, module.__name__
+        unguarded = [ast.unparse(n.func) for n in launches if id(n) not in guarded]
+        assert not unguarded, f"{module.__name__}: launches outside device_guard: {unguarded}"
