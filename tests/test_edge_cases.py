@@ -23,6 +23,7 @@ def _loss(policy, labels, frozen, **kw):
 # ------------------------------------------------------------------------------------------ empty batches
 EMPTY = {  # name: (logits shape, labels shape, options)
     "B1-T1-shift": ((2, 1, V), (2, 1), dict(shift=True)),
+    "T0-shift": ((2, 0, V), (2, 0), dict(shift=True)),
     "B0": ((0, 4, V), (0, 4), dict()),
     "N0-flat": ((0, V), (0,), dict(shift=False)),
     "N0-flat-shift": ((0, V), (0,), dict(shift=True)),
@@ -259,7 +260,41 @@ def _fresh_dynamo():
 
 
 @pytest.mark.usefixtures("_fresh_dynamo")
-@pytest.mark.parametrize("form", ["function", "module", "linear-module", "gamma-argument"])
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("layout", ["transposed", "expanded"])
+def test_compile_rows_without_one_stride(layout, dynamic):
+    """[B, T, V] logits whose rows are not [N, V]-viewable trace too (the choice is made from strides)."""
+    labels = torch.randint(0, V, (2, 5))
+    x = torch.randn(5, 2, V).transpose(0, 1) if layout == "transposed" else torch.randn(1, 5, V).expand(2, 5, V)
+    frozen = [f.transpose(0, 1).contiguous().transpose(0, 1) for f in _frozen((2, 5, V))]
+    fn = lambda p: wk.wspo_loss(p, labels, ref=frozen[0], weak_aligned=frozen[1], weak_base=frozen[2],  # noqa: E731
+                                normalizer=2.5)
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True, dynamic=dynamic)(x), fn(x))
+    assert torch.equal(wk.token_logprobs(x, labels), torch.compile(
+        lambda p: wk.token_logprobs(p, labels), fullgraph=True, dynamic=dynamic)(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_token_vocabulary_with_any_stride(backend):
+    x = torch.randn(1, 4).t()                     # [4, 1] with stride (1, 4)
+    labels = torch.tensor([0, 0, -100, 0])
+    assert torch.equal(wk.token_logprobs(x, labels, backend=backend), torch.zeros(4))
+    p = x.clone().t().contiguous().t().requires_grad_()
+    loss = wk.wspo_loss(p, labels, ref=x, weak_aligned=x, weak_base=x, shift=False, backend=backend)
+    loss.backward()
+    assert float(loss) == 0.0 and torch.equal(p.grad, torch.zeros_like(p))
+
+
+def test_numpy_integers_are_accepted():
+    np = pytest.importorskip("numpy")
+    x, labels = torch.randn(6, V), torch.randint(0, V, (6,))
+    want = wk.token_logprobs(x, labels, ignore_index=-100, cu_seqlens=[0, 3, 6])
+    got = wk.token_logprobs(x, labels, ignore_index=np.int64(-100), cu_seqlens=[np.int64(0), np.int32(3), 6])
+    assert torch.equal(got, want)
+
+
+@pytest.mark.usefixtures("_fresh_dynamo")
+@pytest.mark.parametrize("form", ["function", "module", "linear-module", "gamma-argument", "float-normalizer"])
 def test_compile_fullgraph_dynamic(form):
     labels = torch.randint(0, V, (2, 6))
     frozen = _frozen((2, 6, V))
@@ -273,8 +308,10 @@ def test_compile_fullgraph_dynamic(form):
     elif form == "linear-module":
         m = wk.LinearWSPOLoss(gamma=0.3)
         fn, arg = (lambda h: m(h, w, labels, **kw)), torch.randn(2, 6, H)
-    else:
+    elif form == "gamma-argument":
         fn, arg = (lambda x, gamma=0.25: wk.wspo_loss(x, labels, gamma=gamma, **kw)), torch.randn(2, 6, V)
+    else:  # gradient accumulation: the global sequence count changes every step
+        fn, arg = (lambda x, n=2.5: wk.wspo_loss(x, labels, normalizer=n, **kw)), torch.randn(2, 6, V)
     compiled = torch.compile(fn, fullgraph=True, dynamic=True)
     a, b = arg.clone().requires_grad_(), arg.clone().requires_grad_()
     got, want = compiled(a), fn(b)
@@ -282,5 +319,5 @@ def test_compile_fullgraph_dynamic(form):
     got.backward()
     want.backward()
     torch.testing.assert_close(a.grad, b.grad)
-    if form == "gamma-argument":
+    if form in ("gamma-argument", "float-normalizer"):
         torch.testing.assert_close(compiled(arg, 0.7), fn(arg, 0.7))

@@ -83,9 +83,9 @@ def check_flag(value, name: str) -> None:
 
 
 def check_ignore_index(ignore_index) -> None:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not INT64_RANGE[0] <= ignore_index <= INT64_RANGE[1]:
+    if not INT64_RANGE[0] <= int(ignore_index) <= INT64_RANGE[1]:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
 
 
@@ -109,8 +109,11 @@ def check_normalizer(normalizer, reduction: str):
         value = normalizer.detach().reshape(()).float()
         _assert_tensor(torch.isfinite(value) & (value > 0), "normalizer must be finite and > 0")
         return normalizer.reshape(()).float()
-    if isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real):
+    if isinstance(normalizer, bool) or not isinstance(normalizer, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"normalizer must be a number or a 1-element tensor, got {type(normalizer).__name__}")
+    if torch.compiler.is_compiling():  # may be symbolic (dynamic=True): a runtime assertion, no guard
+        torch._check(normalizer > 0, lambda: "normalizer must be finite and > 0")
+        return normalizer
     if not (math.isfinite(normalizer) and normalizer > 0):
         raise ValueError(f"normalizer must be finite and > 0, got {normalizer}")
     return float(normalizer)
@@ -210,9 +213,9 @@ class Layout(NamedTuple):
 
 def _as_cu_seqlens(cu_seqlens, labels: torch.Tensor) -> torch.Tensor:
     if isinstance(cu_seqlens, (list, tuple)):
-        if not all(isinstance(c, int) and not isinstance(c, bool) for c in cu_seqlens):
+        if not all(isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in cu_seqlens):
             raise TypeError("cu_seqlens as a list must hold ints")
-        return torch.tensor(cu_seqlens, dtype=torch.int64, device=labels.device)
+        return torch.tensor([int(c) for c in cu_seqlens], dtype=torch.int64, device=labels.device)
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a 1-D integer tensor or a list of ints, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex or cu_seqlens.dtype == torch.bool:
@@ -224,6 +227,7 @@ def make_layout(labels: torch.Tensor, *, shift: bool, ignore_index: int,
                 cu_seqlens: Optional[torch.Tensor] = None) -> Layout:
     check_labels_tensor(labels)
     check_ignore_index(ignore_index)
+    ignore_index = int(ignore_index)  # (a NumPy integer too)
     check_flag(shift, "shift")
     labels = labels.long().contiguous()  # kernels read labels with unit stride
     if cu_seqlens is not None:
@@ -240,7 +244,7 @@ def make_layout(labels: torch.Tensor, *, shift: bool, ignore_index: int,
     n_rows = labels.numel()
     if labels.dim() == 2:
         B, T = labels.shape
-        if shift:
+        if shift and T:  # (an empty sequence has nothing to shift)
             pad = labels.new_full((B, 1), ignore_index)
             labels = torch.cat([labels[:, 1:], pad], dim=1)
         return Layout(labels.reshape(-1), B, T, None, shift, ignore_index, False)
@@ -274,12 +278,17 @@ def rows_of(logits: torch.Tensor, layout: Layout, name: str) -> torch.Tensor:
         raise ValueError(f"{name} must have shape {grid + ('V',)} to match labels, got {tuple(logits.shape)}")
     if logits.shape[-1] == 0:
         raise ValueError(f"{name} has an empty vocabulary")
-    if logits.stride(-1) != 1 and logits.shape[-1] > 1:
+    if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    try:
+    if logits.dim() == 2 or _rows_share_one_stride(logits):
         return logits.view(-1, logits.shape[-1])
-    except RuntimeError:  # rows without one common stride: the kernels address them as (b, t)
-        return logits
+    return logits  # rows without one common stride: the kernels address them as (b, t)
+
+
+def _rows_share_one_stride(x: torch.Tensor) -> bool:
+    """Whether [B, T, V] rows can be viewed as [B * T, V] (decided from strides: traces under compile)."""
+    B, T = x.shape[0], x.shape[1]
+    return B <= 1 or T <= 1 or x.stride(0) == T * x.stride(1)
 
 
 def num_rows(x: torch.Tensor) -> int:
@@ -293,7 +302,7 @@ def writable_in_place(x: torch.Tensor) -> bool:
     Sufficient test: along the dimensions sorted by stride, each stride covers the span of the
     ones below it (an expanded or otherwise overlapping view fails and gets a fresh buffer).
     """
-    if x.stride(-1) != 1 and x.shape[-1] > 1:
+    if x.stride(-1) != 1:
         return False
     span = x.shape[-1]
     for stride, size in sorted((x.stride(d), x.shape[d]) for d in range(x.dim() - 1) if x.shape[d] > 1):

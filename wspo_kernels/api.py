@@ -15,8 +15,8 @@ from typing import NamedTuple
 import torch
 
 from . import ops
-from ._inputs import (acc_dtype, check_flag, check_float, check_gamma, check_labels_range, check_normalizer, check_reduction,
-                      check_same_device, make_layout, rows_of, writable_in_place)
+from ._inputs import (acc_dtype, check_flag, check_float, check_gamma, check_labels_range, check_normalizer,
+                      check_reduction, check_same_device, make_layout, rows_of, writable_in_place)
 from .dispatch import check_choice
 
 __all__ = ["token_logprobs", "linear_token_logprobs", "weak_log_ratio", "wspo_loss", "linear_wspo_loss",
@@ -137,7 +137,7 @@ def token_logprobs(logits, labels, *, ignore_index=-100, shift=False, cu_seqlens
     check_choice(backend)
     layout = make_layout(labels, shift=shift, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
     rows = rows_of(logits, layout, "logits")
-    return layout.to_user(ops.logprobs(rows, layout.labels, ignore_index, backend or "")[0])
+    return layout.to_user(ops.logprobs(rows, layout.labels, layout.ignore_index, backend or "")[0])
 
 
 def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, shift=False, cu_seqlens=None,
@@ -149,7 +149,7 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
     check_choice(backend)
     layout = make_layout(labels, shift=shift, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
     h = _linear_rows(hidden, weight, bias, layout, "linear_token_logprobs")
-    return layout.to_user(ops.linear_logprobs(h, weight, bias, layout.labels, ignore_index, backend or "")[0])
+    return layout.to_user(ops.linear_logprobs(h, weight, bias, layout.labels, layout.ignore_index, backend or "")[0])
 
 
 def weak_log_ratio(aligned_logits, base_logits, labels, *, ignore_index=-100, shift=False, cu_seqlens=None,
@@ -160,9 +160,11 @@ def weak_log_ratio(aligned_logits, base_logits, labels, *, ignore_index=-100, sh
     """
     check_choice(backend)
     layout = make_layout(labels, shift=shift, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
+    check_float(aligned_logits, "aligned_logits")
+    check_float(base_logits, "base_logits")
     a = rows_of(aligned_logits.detach(), layout, "aligned_logits")
     w = rows_of(base_logits.detach(), layout, "base_logits")
-    return layout.to_user(ops.weak_log_ratio(a, w, layout.labels, ignore_index, backend or ""))
+    return layout.to_user(ops.weak_log_ratio(a, w, layout.labels, layout.ignore_index, backend or ""))
 
 
 def wspo_loss(policy_logits, labels, *, ref, weak_aligned, weak_base, gamma=0.1, ignore_index=-100, shift=True,
@@ -172,8 +174,9 @@ def wspo_loss(policy_logits, labels, *, ref, weak_aligned, weak_base, gamma=0.1,
 
     When ``ref``, ``weak_aligned`` and ``weak_base`` are all logits, one fused pass reads the four
     logits once and writes the policy gradient in the same pass ("mean" / "sum"; "none" backprops
-    through the policy's logps, so a per-sequence upstream gradient rounds the gradient only once).  ``reduction`` is "mean" (over
-    sequences with at least one token, or divided by ``normalizer``), "sum" or "none" (``[B]``).
+    through the policy's logps, so a per-sequence upstream gradient rounds the gradient only once).
+    ``reduction`` is "mean" (over sequences with at least one token, or divided by ``normalizer``),
+    "sum" or "none" (``[B]``).
     ``return_metrics=True`` returns a :class:`WSPOOutput`.
 
     ``inplace_grad=True`` writes the policy gradient over ``policy_logits`` during the forward pass
@@ -207,22 +210,22 @@ def wspo_loss(policy_logits, labels, *, ref, weak_aligned, weak_base, gamma=0.1,
         lr, delta_w = _frozen_terms_from(r, a, w, layout, backend)
         k = _policy_constant(gamma, lr, delta_w, layout, acc)
     if not grad_in_forward:
-        out = ops.logprobs(policy, layout.labels, ignore_index, backend)[0]
+        out = ops.logprobs(policy, layout.labels, layout.ignore_index, backend)[0]
         d = gamma * out - k
         loss_t = w_t * d * d
     elif in_place:
         if one_pass:
             run = functools.partial(ops.run_wspo_four, policy, r[1], a[1], w[1], layout.labels, w_t, gamma,
-                                    ignore_index, backend=backend)
+                                    layout.ignore_index, backend=backend)
         else:
-            run = functools.partial(ops.run_wspo_rows, policy, layout.labels, k, w_t, gamma, ignore_index,
+            run = functools.partial(ops.run_wspo_rows, policy, layout.labels, k, w_t, gamma, layout.ignore_index,
                                     backend=backend)
         loss_t, out = ops.GradOverPolicy.apply(policy, run, backend)
     elif one_pass:
-        loss_t, out, _ = ops.wspo_four(policy, r[1], a[1], w[1], layout.labels, w_t, gamma, ignore_index,
+        loss_t, out, _ = ops.wspo_four(policy, r[1], a[1], w[1], layout.labels, w_t, gamma, layout.ignore_index,
                                        compute_grad, backend)
     else:
-        loss_t, out, _ = ops.wspo_rows(policy, layout.labels, k, w_t, gamma, ignore_index, compute_grad, backend)
+        loss_t, out, _ = ops.wspo_rows(policy, layout.labels, k, w_t, gamma, layout.ignore_index, compute_grad, backend)
     if one_pass:
         logp, lr, delta_w = out[0], out[1], out[2] - out[3]
     else:
@@ -250,13 +253,13 @@ def linear_wspo_loss(policy_hidden, lm_head_weight, labels, *, ref, weak_aligned
     lr, delta_w = _frozen_terms_from(r, a, w, layout, backend)
     k = _policy_constant(gamma, lr, delta_w, layout, acc)
     if reduction == "none":  # per-sequence upstream gradients: backprop through the logps instead
-        logp = ops.linear_logprobs(h, lm_head_weight, bias, layout.labels, ignore_index, backend)[0]
+        logp = ops.linear_logprobs(h, lm_head_weight, bias, layout.labels, layout.ignore_index, backend)[0]
         d = gamma * logp - k
         loss = _reduce(w_t * d * d, layout, reduction)
     else:
         grad_on = torch.is_grad_enabled()
         grad_hidden = grad_on and policy_hidden.requires_grad
         grad_weight = grad_on and (lm_head_weight.requires_grad or (bias is not None and bias.requires_grad))
-        loss, logp, *_ = ops.linear_wspo(h, lm_head_weight, bias, layout.labels, k, w_t, gamma, ignore_index,
+        loss, logp, *_ = ops.linear_wspo(h, lm_head_weight, bias, layout.labels, k, w_t, gamma, layout.ignore_index,
                                          grad_hidden, grad_weight, backend)
     return _with_metrics(loss, logp, lr, delta_w, layout) if return_metrics else loss

@@ -254,10 +254,14 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labe
     return _linear_impl(rows).linear_logprobs(rows, hidden, weight, bias, labels, ignore_index)
 
 
+def _linear_acc(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    return torch.promote_types(_acc(hidden), _acc(weight))
+
+
 @linear_logprobs.register_fake
 def _(hidden, weight, bias, labels, ignore_index, backend):
-    n = hidden.shape[0]
-    return hidden.new_empty(n, dtype=_acc(hidden)), hidden.new_empty(STATS_ROWS, n, dtype=_acc(hidden))
+    n, acc = hidden.shape[0], _linear_acc(hidden, weight)
+    return hidden.new_empty(n, dtype=acc), hidden.new_empty(STATS_ROWS, n, dtype=acc)
 
 
 def _grad_likes(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], grad_hidden: bool, grad_weight: bool):
@@ -310,7 +314,7 @@ def linear_wspo(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: 
 
 @linear_wspo.register_fake
 def _(hidden, weight, bias, labels, k, token_weight, gamma, ignore_index, grad_hidden, grad_weight, backend):
-    acc = _acc(hidden)
+    acc = _linear_acc(hidden, weight)
     return (hidden.new_empty((), dtype=acc), hidden.new_empty(hidden.shape[0], dtype=acc),
             *_grad_likes(hidden, weight, bias, grad_hidden, grad_weight))
 

@@ -28,8 +28,9 @@ bool cpu_supports(const std::string& name) {
   if (name == "avx512")
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (name == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (name == "avx2")
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #endif
   return name == "default";
 }
@@ -84,7 +85,7 @@ DType dtype_of(const Tensor& t) {
 }
 
 Rows rows_of(const Tensor& t, int64_t n, const char* name) {
-  TORCH_CHECK((t.dim() == 2 || t.dim() == 3) && t.stride(-1) == 1 && t.device().is_cpu(), name,
+  TORCH_CHECK((t.dim() == 2 || t.dim() == 3) && (t.stride(-1) == 1 || t.size(-1) == 1) && t.device().is_cpu(), name,
               " must be a CPU [N, V] or [B, T, V] tensor with unit stride along V");
   const int64_t rows = t.numel() / std::max<int64_t>(t.size(-1), 1);
   TORCH_CHECK(rows == n, name, " has ", rows, " rows, labels have ", n);
@@ -228,7 +229,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "kernel copies compiled in and supported by this CPU, best first");
   m.def("use_capability", &wspo_cpu::use_capability, "run the kernel copy for this capability");
   m.def("capability", &wspo_cpu::capability, "the capability whose kernels run");
-  m.def("logprobs", &wspo_cpu::logprobs, "per-row logp [N] and statistics [3, N] (max, sum of exp, that sum without the label)");
+  m.def("logprobs", &wspo_cpu::logprobs,
+        "per-row logp [N] and statistics [3, N] (max, sum of exp, that sum without the label)");
   m.def("logprobs_backward", &wspo_cpu::logprobs_backward, "grad_logp * (onehot - softmax) into out");
   m.def("weak_log_ratio", &wspo_cpu::weak_log_ratio, "l^aligned - l^base per row");
   m.def("wspo_rows", &wspo_cpu::wspo_rows, "WSPO loss terms and policy gradient from k = gamma*l^r + l^a - l^w");

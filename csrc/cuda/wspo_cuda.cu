@@ -271,7 +271,7 @@ void dispatch_dtype(at::ScalarType dtype, F&& f) {
 }
 
 Rows rows_of(const Tensor& t, int64_t n, const char* name) {
-  TORCH_CHECK(t.is_cuda() && (t.dim() == 2 || t.dim() == 3) && t.stride(-1) == 1, name,
+  TORCH_CHECK(t.is_cuda() && (t.dim() == 2 || t.dim() == 3) && (t.stride(-1) == 1 || t.size(-1) == 1), name,
               " must be a CUDA [N, V] or [B, T, V] tensor with unit stride along V");
   const int64_t rows = t.numel() / std::max<int64_t>(t.size(-1), 1);
   TORCH_CHECK(rows == n, name, " has ", rows, " rows, labels have ", n);

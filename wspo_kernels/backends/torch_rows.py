@@ -59,7 +59,7 @@ def _row_blocks(n_rows: int, seq_len=None):
         for r0 in range(0, n_rows, ROW_BLOCK):
             yield slice(r0, min(r0 + ROW_BLOCK, n_rows))
         return
-    for s0 in range(0, n_rows, seq_len):
+    for s0 in range(0, n_rows, max(seq_len, 1)):
         for r0 in range(s0, s0 + seq_len, ROW_BLOCK):
             yield slice(r0, min(r0 + ROW_BLOCK, s0 + seq_len))
 

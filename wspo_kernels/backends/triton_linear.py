@@ -143,7 +143,8 @@ def _operands(hidden, weight, bias):
         dtype = torch.promote_types(dtype, bias.dtype)
     h, w = hidden.to(dtype), weight.to(dtype)
     b = None if bias is None else bias.to(dtype)
-    args = (h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1), h if b is None else b, 0 if b is None else b.stride(0))
+    args = (h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1),
+            h if b is None else b, 0 if b is None else b.stride(0))
     meta = dict(HAS_BIAS=b is not None, BLOCK_M=BLOCK_M, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K, IEEE=dtype == torch.float32)
     return args, meta
 

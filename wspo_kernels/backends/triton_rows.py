@@ -92,6 +92,8 @@ if triton is not None:
     @triton.jit
     def _row_grad(x_ptr, out_ptr, V, m, s, coef, y, q, BLOCK: tl.constexpr):
         """out = coef * (onehot(y) - exp(x - m) / s), the label entry coef * q; out may be x."""
+        # In place (out == x): every thread has loaded z_y (a scalar read across warps) before any store.
+        tl.debug_barrier()
         offs = tl.arange(0, BLOCK)
         scale = -coef / s
         label_value = coef * q
@@ -222,7 +224,10 @@ def _f32(n, like):
 
 
 def _rows(x):
-    """(pointer, outer stride, inner stride, inner length) of an [N, V] or [B, T, V] operand: row i = (i // T, i % T)."""
+    """(pointer, outer stride, inner stride, inner length T) of an [N, V] or [B, T, V] operand.
+
+    Row i is (i // T, i % T); an [N, V] operand has outer stride 0 and T = N.
+    """
     if x.dim() == 3:
         return x, x.stride(0), x.stride(1), max(x.shape[1], 1)
     return x, 0, x.stride(0), max(x.shape[0], 1)
