@@ -92,18 +92,26 @@ def logp_and_q(z_y, m, s, r):
     return torch.where(q < 0.5, torch.log1p(-q), (z_y - m) - torch.log(s)), q
 
 
-def _stats_and_logp(x: torch.Tensor, labels: torch.Tensor, ignore_index: int):
+def _scratch(x: torch.Tensor) -> torch.Tensor:
+    """One [ROW_BLOCK, VOCAB_BLOCK] buffer in the accumulation dtype, reused by every block of a call:
+    a fresh temporary per block would be page-faulted in each time (several times the arithmetic)."""
+    return torch.empty(ROW_BLOCK, VOCAB_BLOCK, dtype=_acc_dtype(x), device=x.device)
+
+
+def _stats_and_logp(x: torch.Tensor, labels: torch.Tensor, ignore_index: int, scratch: torch.Tensor):
     """Row statistics (m, s, r) over vocab blocks for a block of rows, logp and q; ignored rows (0, 1, 0), 0, 0."""
     acc = _acc_dtype(x)
+    if scratch.dtype != acc:  # models of different dtypes
+        scratch = _scratch(x)
     mask = labels != ignore_index
     safe = torch.where(mask, labels, torch.zeros_like(labels))
     m = torch.full((x.shape[0],), float("-inf"), dtype=acc, device=x.device)
     r = torch.zeros(x.shape[0], dtype=acc, device=x.device)
     for v0 in range(0, x.shape[1], VOCAB_BLOCK):
-        xb = x[:, v0:v0 + VOCAB_BLOCK].to(acc)
-        m_new = torch.maximum(m, xb.amax(1))
+        xb = x[:, v0:v0 + VOCAB_BLOCK]
+        m_new = torch.maximum(m, xb.amax(1).to(acc))
         shift = torch.where(m_new == float("-inf"), torch.zeros_like(m_new), m_new)  # all -inf so far: no rescale
-        e = torch.exp(xb - shift[:, None])
+        e = torch.sub(xb, shift[:, None], out=scratch[:xb.shape[0], :xb.shape[1]]).exp_()
         _set_label_entry(e, labels, mask, v0, 0.0)  # the label's term stays out of r
         r = r * torch.exp(m - shift) + e.sum(1)
         m = m_new
@@ -115,7 +123,7 @@ def _stats_and_logp(x: torch.Tensor, labels: torch.Tensor, ignore_index: int):
             torch.where(mask, logp, zero), torch.where(mask, q, zero))
 
 
-def _write_grad(x, labels, m, s, q, coef, ignore_index, out):
+def _write_grad(x, labels, m, s, q, coef, ignore_index, out, scratch):
     """out = coef * (onehot(label) - exp(x - m) / s), block by block, the label entry as coef * q;
     ignored rows get zeros.  ``out`` may be ``x`` itself: each block is read before it is overwritten.
     """
@@ -128,7 +136,7 @@ def _write_grad(x, labels, m, s, q, coef, ignore_index, out):
     for v0 in range(0, x.shape[1], VOCAB_BLOCK):
         o = out[:, v0:v0 + VOCAB_BLOCK]
         # Write straight into ``out`` when it already has the accumulation dtype.
-        g = o if o.dtype == acc else torch.empty(o.shape, dtype=acc, device=o.device)
+        g = o if o.dtype == acc else scratch[:o.shape[0], :o.shape[1]]
         torch.sub(x[:, v0:v0 + VOCAB_BLOCK], m_col, out=g).exp_().mul_(scale)
         g.masked_fill_(ignored, 0.0)  # NaN / inf in an ignored row must not leak (0 * NaN)
         _set_label_entry(g, labels, mask, v0, label_value)
@@ -142,39 +150,39 @@ def logprobs(logits, labels, ignore_index):
     n = labels.shape[0]
     stats = torch.empty(3, n, dtype=acc, device=logits.device)
     logp = torch.empty(n, dtype=acc, device=logits.device)
-    T = _seq_len(logits)
+    T, scratch = _seq_len(logits), _scratch(logits)
     for r in _row_blocks(n, T):
         stats[0, r], stats[1, r], stats[2, r], logp[r], _ = _stats_and_logp(_take(logits, r, T), labels[r],
-                                                                            ignore_index)
+                                                                            ignore_index, scratch)
     return logp, stats
 
 
 def logprobs_backward(logits, labels, stats, grad_logp, ignore_index, out):
-    T = _seq_len(logits, out)
+    T, scratch = _seq_len(logits, out), _scratch(logits)
     for r in _row_blocks(labels.shape[0], T):
         m, s, rest = stats[0, r], stats[1, r], stats[2, r]
         _write_grad(_take(logits, r, T), labels[r], m, s, rest / s, grad_logp[r].to(m.dtype), ignore_index,
-                    _take(out, r, T))
+                    _take(out, r, T), scratch)
     return out
 
 
 def weak_log_ratio(aligned, base, labels, ignore_index):
     acc = torch.promote_types(_acc_dtype(aligned), _acc_dtype(base))
     out = torch.empty(labels.shape[0], dtype=acc, device=aligned.device)
-    T = _seq_len(aligned, base)
+    T, scratch = _seq_len(aligned, base), torch.empty(ROW_BLOCK, VOCAB_BLOCK, dtype=acc, device=aligned.device)
     for r in _row_blocks(labels.shape[0], T):
-        la = _stats_and_logp(_take(aligned, r, T), labels[r], ignore_index)[3]
-        lw = _stats_and_logp(_take(base, r, T), labels[r], ignore_index)[3]
+        la = _stats_and_logp(_take(aligned, r, T), labels[r], ignore_index, scratch)[3]
+        lw = _stats_and_logp(_take(base, r, T), labels[r], ignore_index, scratch)[3]
         out[r] = la.to(acc) - lw.to(acc)
     return out
 
 
-def _policy_block(policy, labels, k, weight, gamma, ignore_index, grad):
-    m, s, _, logp, q = _stats_and_logp(policy, labels, ignore_index)
+def _policy_block(policy, labels, k, weight, gamma, ignore_index, grad, scratch):
+    m, s, _, logp, q = _stats_and_logp(policy, labels, ignore_index, scratch)
     d = gamma * logp - k.to(logp.dtype)
     w = weight.to(logp.dtype)
     if grad is not None:
-        _write_grad(policy, labels, m, s, q, 2.0 * gamma * w * d, ignore_index, grad)
+        _write_grad(policy, labels, m, s, q, 2.0 * gamma * w * d, ignore_index, grad, scratch)
     return w * d * d, logp
 
 
@@ -183,10 +191,10 @@ def wspo_rows(policy, labels, k, weight, gamma, ignore_index, grad):
     acc = _acc_dtype(policy)
     loss = torch.empty(n, dtype=acc, device=policy.device)
     logp = torch.empty(n, dtype=acc, device=policy.device)
-    T = _seq_len(policy, grad)
+    T, scratch = _seq_len(policy, grad), _scratch(policy)
     for r in _row_blocks(n, T):
         loss[r], logp[r] = _policy_block(_take(policy, r, T), labels[r], k[r], weight[r], gamma, ignore_index,
-                                         None if grad is None else _take(grad, r, T))
+                                         None if grad is None else _take(grad, r, T), scratch)
     return loss, logp
 
 
@@ -195,13 +203,13 @@ def wspo_four(policy, ref, aligned, base, labels, weight, gamma, ignore_index, g
     acc = _acc_dtype(policy)
     loss = torch.empty(n, dtype=acc, device=policy.device)
     logps = torch.empty(4, n, dtype=acc, device=policy.device)
-    T = _seq_len(policy, ref, aligned, base, grad)
+    T, scratch = _seq_len(policy, ref, aligned, base, grad), _scratch(policy)
     for r in _row_blocks(n, T):
         for i, frozen in enumerate((ref, aligned, base), start=1):
-            logps[i, r] = _stats_and_logp(_take(frozen, r, T), labels[r], ignore_index)[3]
+            logps[i, r] = _stats_and_logp(_take(frozen, r, T), labels[r], ignore_index, scratch)[3]
         k = gamma * logps[1, r] + logps[2, r] - logps[3, r]
         loss[r], logps[0, r] = _policy_block(_take(policy, r, T), labels[r], k, weight[r], gamma, ignore_index,
-                                             None if grad is None else _take(grad, r, T))
+                                             None if grad is None else _take(grad, r, T), scratch)
     return loss, logps
 
 
