@@ -201,6 +201,80 @@ inline void zero_row(T* out, int64_t V) {
   std::memset(static_cast<void*>(out), 0, sizeof(T) * V);
 }
 
+// ------------------------------------------------------------------------------------------ one exp per element
+// For an fp32 gradient buffer the policy row needs one exp per element instead of two: the statistics
+// sweep leaves e_v = exp(z_v - m_b) in the buffer (m_b: the running max after block b, kept per block)
+// and the gradient sweep rescales it, g_v = e_v * exp(m_b - m) * (-c / s), instead of recomputing it.
+// The label's slot is not summed (r) and is overwritten with c * q at the end.  The buffer may be the
+// logits themselves: each vector is read before it is written, and z_y is read first.
+constexpr int64_t kMaxBlocks = 128;  // rows up to kMaxBlocks * kBlock columns; longer ones take the two-exp path
+
+Stats row_stats_keep_exp(const float* x, float* e, int64_t V, int64_t y, float* block_m) {
+  const int64_t vs = Vec::size();
+  const float z_y = x[y];
+  float m = kNegInf, r = 0.f;
+  for (int64_t b0 = 0, bi = 0; b0 < V; b0 += kBlock, ++bi) {
+    const float* xb = x + b0;
+    float* ebk = e + b0;
+    const int64_t n = std::min(kBlock, V - b0);
+    Vec vmax(kNegInf);
+    for_steps(xb, n, kNegInf,
+              [&](const Vec& a, const Vec& b) { vmax = at::vec::maximum(vmax, at::vec::maximum(a, b)); });
+    const float block_max = hmax(vmax);
+    block_m[bi] = block_max;
+    if (block_max == kNegInf) continue;  // the gradient sweep zeroes this block
+    const float m_new = (block_max > m || std::isnan(block_max)) ? block_max : m;  // NaN sticks
+    r *= std::exp(m - m_new);
+    m = block_m[bi] = m_new;
+    const Vec vm(m);
+    Vec vsum(0.f);
+    auto segment = [&](int64_t lo, int64_t hi) {  // e over [lo, hi) of the block, summed
+      Vec a, b;
+      int64_t j = lo;
+      for (; j + 2 * vs <= hi; j += 2 * vs) {
+        a = vexp(Vec::loadu(xb + j) - vm);
+        b = vexp(Vec::loadu(xb + j + vs) - vm);
+        a.store(ebk + j);
+        b.store(ebk + j + vs);
+        vsum += a + b;
+      }
+      if (j < hi) {
+        RowIO<float>::load_tail(xb + j, hi - j, kNegInf, a, b);
+        a = vexp(a - vm);
+        b = vexp(b - vm);
+        RowIO<float>::store_tail(ebk + j, hi - j, a, b);
+        vsum += a + b;
+      }
+    };
+    const int64_t yl = y - b0;
+    if (yl >= 0 && yl < n) {  // the block holding the label: around it
+      segment(0, yl);
+      segment(yl + 1, n);
+    } else {
+      segment(0, n);
+    }
+    r += hsum(vsum);
+  }
+  return {m, r + std::exp(z_y - m), r};
+}
+
+void row_grad_from_exp(float* g, int64_t V, const float* block_m, Stats st, float coef, int64_t y, float q) {
+  const int64_t vs = Vec::size();
+  for (int64_t b0 = 0, bi = 0; b0 < V; b0 += kBlock, ++bi) {
+    float* gb = g + b0;
+    const int64_t n = std::min(kBlock, V - b0);
+    if (block_m[bi] == kNegInf) {
+      zero_row(gb, n);
+      continue;
+    }
+    const Vec scale(std::exp(block_m[bi] - st.m) * (-coef / st.s));
+    int64_t j = 0;
+    for (; j + vs <= n; j += vs) (Vec::loadu(gb + j) * scale).store(gb + j);
+    if (j < n) (Vec::loadu(gb + j, n - j) * scale).store(gb + j, n - j);
+  }
+  g[y] = coef * q;  // c (1 - p_y) without cancellation as p_y -> 1
+}
+
 // (statistics, label logit) of row i.
 template <typename T>
 inline std::pair<Stats, float> row_stats(const Rows& r, int64_t i, int64_t y) {
@@ -290,12 +364,28 @@ void wspo(const Job& j, int64_t begin, int64_t end) {
       } else {
         k = j.k[i];
       }
+      const int64_t V = j.x.vocab;
+      if constexpr (std::is_same_v<T, float>) {
+        if (j.grad != nullptr && V <= kMaxBlocks * kBlock) {  // one exp per element (see row_stats_keep_exp)
+          float block_m[kMaxBlocks];
+          const float* x = j.x.row<float>(i);
+          float* gr = j.grad->row<float>(i);
+          const float z = x[y];
+          const Stats st = row_stats_keep_exp(x, gr, V, y, block_m);
+          const auto [lp, q] = logp_q(z, st);
+          const float d = g * lp - k, w = j.weight[i];
+          j.logp[i] = lp;
+          j.loss[i] = w * d * d;
+          row_grad_from_exp(gr, V, block_m, st, 2.f * g * w * d, y, q);
+          continue;
+        }
+      }
       auto [st, z] = row_stats<T>(j.x, i, y);
       const auto [lp, q] = logp_q(z, st);
       const float d = g * lp - k, w = j.weight[i];
       j.logp[i] = lp;
       j.loss[i] = w * d * d;
-      if (j.grad != nullptr) row_grad(j.x.row<T>(i), j.grad->row<T>(i), j.x.vocab, st, 2.f * g * w * d, y, q);
+      if (j.grad != nullptr) row_grad(j.x.row<T>(i), j.grad->row<T>(i), V, st, 2.f * g * w * d, y, q);
     }
   });
 }
