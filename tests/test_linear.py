@@ -57,6 +57,7 @@ def _check_grads(grads, ref_grads, low_grads, dtype):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_linear_wspo_loss(backend, dtype, case, reduction, monkeypatch):
     monkeypatch.setattr(chunked_linear, "LINEAR_CHUNK_ELEMS", 2000)  # several chunks even at tiny shapes
+    monkeypatch.setattr(chunked_linear, "MIN_CHUNK_ROWS", 1)
     models, labels, shift = _params(case, dtype)
     leaves = _leaves(models[0], dtype)
     h, w, b = leaves
@@ -81,6 +82,7 @@ def test_linear_wspo_loss(backend, dtype, case, reduction, monkeypatch):
 @pytest.mark.parametrize("case", ["small-bias", "V1000-nobias"])
 def test_linear_token_logprobs(backend, dtype, case, monkeypatch):
     monkeypatch.setattr(chunked_linear, "LINEAR_CHUNK_ELEMS", 3000)
+    monkeypatch.setattr(chunked_linear, "MIN_CHUNK_ROWS", 1)
     models, labels, shift = _params(case, dtype)
     leaves = _leaves(models[0], dtype)
     logp = wk.linear_token_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], shift=shift, backend=backend)
@@ -140,3 +142,11 @@ def test_module_form_and_gradcheck():
     module = wk.LinearWSPOLoss(gamma=0.3)
     frozen = dict(ref=models[1], weak_aligned=models[2], weak_base=models[3])
     assert torch.autograd.gradcheck(lambda *p: module(p[0], p[1], labels, bias=p[2], **frozen), (h, w, b))
+
+
+def test_chunk_rows_follow_the_byte_budget(monkeypatch):
+    sizes = lambda n, v: [r.stop - r.start for r in chunked_linear._chunks(n, v)]  # noqa: E731
+    assert sizes(4096, 32000) == [524] * 7 + [4096 - 7 * 524]          # 64 MB of fp32 logits
+    assert set(sizes(1024, 152064)) == {256}                             # never skinnier than MIN_CHUNK_ROWS
+    monkeypatch.setenv(chunked_linear.CHUNK_ENV_VAR, "256")
+    assert sizes(4096, 32000)[0] == 2097

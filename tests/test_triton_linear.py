@@ -35,6 +35,7 @@ def test_fused_equals_chunked(reduction, monkeypatch):
     fused = _run(models, labels, reduction)
     monkeypatch.setenv(ops.LINEAR_ENV_VAR, "chunked")
     monkeypatch.setattr(chunked_linear, "LINEAR_CHUNK_ELEMS", 1000)
+    monkeypatch.setattr(chunked_linear, "MIN_CHUNK_ROWS", 1)
     chunked = _run(models, labels, reduction)
     for a, b in zip(fused, chunked):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -8,20 +8,29 @@ Ignored rows have a zero gradient row, and their hidden states are zeroed before
 NaN or inf there (0 * NaN = NaN) never reaches dW.  Mixed dtypes compute in the promoted
 accumulation dtype (fp16 hidden with an fp32 weight: fp32).
 
-Peak extra memory is one chunk of fp32 logits (``LINEAR_CHUNK_ELEMS``) plus the fp32 dW/db
-accumulators: flat in N.  ``linear_wspo`` writes the gradient in the forward pass (it needs the
+Peak extra memory is one chunk of fp32 logits plus the fp32 dW/db accumulators: flat in N.  A chunk
+is ``LINEAR_CHUNK_ELEMS`` logits (64 MB; ``WSPO_KERNELS_LINEAR_CHUNK_MB`` sets it) but at least
+``MIN_CHUNK_ROWS`` rows: skinny GEMMs are slow on CPUs (at V=32000, H=512: 131-row chunks ran 16%
+slower than 524-row ones on 2 Zen 4 cores), so a large vocabulary gets a larger chunk, not fewer rows.  ``linear_wspo`` writes the gradient in the forward pass (it needs the
 reduced loss to be a scalar: the backward then only scales dh, dW, db); ``linear_logprobs`` saves
 only the per-row statistics and recomputes each chunk's logits in its backward.
 """
+import os
+
 import torch
 
 from ._inputs import STATS_ROWS, acc_dtype as _acc
 
-LINEAR_CHUNK_ELEMS = 1 << 22   # fp32 logits per chunk (16 MB)
+LINEAR_CHUNK_ELEMS = 1 << 24   # fp32 logits per chunk (64 MB)
+MIN_CHUNK_ROWS = 256
+CHUNK_ENV_VAR = "WSPO_KERNELS_LINEAR_CHUNK_MB"
 
 
 def _chunks(n_rows: int, vocab: int):
-    step = max(1, LINEAR_CHUNK_ELEMS // vocab)
+    budget = LINEAR_CHUNK_ELEMS
+    if os.environ.get(CHUNK_ENV_VAR):
+        budget = int(float(os.environ[CHUNK_ENV_VAR]) * 2 ** 20) // 4
+    step = max(1, MIN_CHUNK_ROWS, budget // vocab)
     for r0 in range(0, n_rows, step):
         yield slice(r0, min(r0 + step, n_rows))
 
