@@ -174,18 +174,19 @@ def test_runs_on_an_older_cpu(cpu, expected):
     assert out.stdout.strip().splitlines()[-1] == expected
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("vocab", [3 * 4096 + 5, 128 * 4096 + 1], ids=["blocks", "past-kMaxBlocks"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["copy-grad", "inplace"])
-def test_one_exp_path_block_edges(capability, vocab, inplace):
-    """fp32 gradients keep exp(z - m_b) per block and rescale it: blocks that are all -inf, a label past
-    the first block, a later block raising the max, and rows too long for the per-block maxima."""
+def test_one_exp_path_block_edges(capability, vocab, inplace, dtype):
+    """Gradients keep exp(z - m_b) per block and rescale it: blocks that are all -inf, a label past the
+    first block, a later block raising the max, and rows too long for the per-block maxima."""
     g = torch.Generator().manual_seed(vocab)
-    x = torch.randn(2, 3, vocab, generator=g) * 4
+    x = (torch.randn(2, 3, vocab, generator=g) * 4).to(dtype)
     x[0, 0, :4096] = -float("inf")           # a whole block without mass
     x[0, 1, -7] = 40.0                        # the max arrives in the last block
     x[1, 2, 4096 + 3] = 30.0
     labels = torch.tensor([[4100, vocab - 7, 11], [1, -100, 4096 + 3]])
-    frozen = [torch.randn(2, 3, vocab, generator=g) for _ in range(3)]
+    frozen = [torch.randn(2, 3, vocab, generator=g).to(dtype) for _ in range(3)]
     policy = x.clone().requires_grad_()
     loss = wk.wspo_loss(policy * 1 if inplace else policy, labels, ref=frozen[0], weak_aligned=frozen[1],
                         weak_base=frozen[2], shift=False, inplace_grad=inplace, backend="native")
@@ -194,5 +195,11 @@ def test_one_exp_path_block_edges(capability, vocab, inplace):
     ref = reference_wspo_loss(p64, labels, ref=frozen[0].double(), weak_aligned=frozen[1].double(),
                               weak_base=frozen[2].double(), shift=False)
     ref.backward()
-    check_loss(loss, ref, torch.float32)
-    check_grad(policy.grad, p64.grad, torch.float32)
+    lowp = None
+    if dtype != torch.float32:
+        pl = x.clone().requires_grad_()
+        reference_wspo_loss(pl, labels, ref=frozen[0], weak_aligned=frozen[1], weak_base=frozen[2], shift=False,
+                            dtype=dtype).backward()
+        lowp = pl.grad
+    check_loss(loss, ref, dtype)
+    check_grad(policy.grad, p64.grad, dtype, lowp)

@@ -202,19 +202,23 @@ inline void zero_row(T* out, int64_t V) {
 }
 
 // ------------------------------------------------------------------------------------------ one exp per element
-// For an fp32 gradient buffer the policy row needs one exp per element instead of two: the statistics
-// sweep leaves e_v = exp(z_v - m_b) in the buffer (m_b: the running max after block b, kept per block)
-// and the gradient sweep rescales it, g_v = e_v * exp(m_b - m) * (-c / s), instead of recomputing it.
-// The label's slot is not summed (r) and is overwritten with c * q at the end.  The buffer may be the
-// logits themselves: each vector is read before it is written, and z_y is read first.
+// With a gradient to write, the policy row needs one exp per element instead of two: the statistics
+// sweep leaves e_v = exp(z_v - m_b) in an fp32 row buffer (m_b: the running max after block b, kept
+// per block) and the gradient sweep rescales it, g_v = e_v * exp(m_b - m) * (-c / s), instead of
+// recomputing it.  The buffer is the gradient row itself when that is fp32 (it may be the logits:
+// each vector is read before it is written, z_y first), else a per-thread fp32 row (`scratch`), so a
+// bf16 / fp16 gradient is still rounded once.  The label's slot is not summed (r) and is overwritten
+// with c * q at the end.
 constexpr int64_t kMaxBlocks = 128;  // rows up to kMaxBlocks * kBlock columns; longer ones take the two-exp path
 
-Stats row_stats_keep_exp(const float* x, float* e, int64_t V, int64_t y, float* block_m) {
+template <typename T>
+Stats row_stats_keep_exp(const T* x, float* e, int64_t V, int64_t y, float* block_m) {
+  using IO = RowIO<T>;
   const int64_t vs = Vec::size();
-  const float z_y = x[y];
+  const float z_y = static_cast<float>(x[y]);
   float m = kNegInf, r = 0.f;
   for (int64_t b0 = 0, bi = 0; b0 < V; b0 += kBlock, ++bi) {
-    const float* xb = x + b0;
+    const T* xb = x + b0;
     float* ebk = e + b0;
     const int64_t n = std::min(kBlock, V - b0);
     Vec vmax(kNegInf);
@@ -231,15 +235,16 @@ Stats row_stats_keep_exp(const float* x, float* e, int64_t V, int64_t y, float* 
     auto segment = [&](int64_t lo, int64_t hi) {  // e over [lo, hi) of the block, summed
       Vec a, b;
       int64_t j = lo;
-      for (; j + 2 * vs <= hi; j += 2 * vs) {
-        a = vexp(Vec::loadu(xb + j) - vm);
-        b = vexp(Vec::loadu(xb + j + vs) - vm);
+      for (; j + IO::kStep <= hi; j += IO::kStep) {
+        IO::load(xb + j, a, b);
+        a = vexp(a - vm);
+        b = vexp(b - vm);
         a.store(ebk + j);
         b.store(ebk + j + vs);
         vsum += a + b;
       }
       if (j < hi) {
-        RowIO<float>::load_tail(xb + j, hi - j, kNegInf, a, b);
+        IO::load_tail(xb + j, hi - j, kNegInf, a, b);
         a = vexp(a - vm);
         b = vexp(b - vm);
         RowIO<float>::store_tail(ebk + j, hi - j, a, b);
@@ -258,21 +263,34 @@ Stats row_stats_keep_exp(const float* x, float* e, int64_t V, int64_t y, float* 
   return {m, r + std::exp(z_y - m), r};
 }
 
-void row_grad_from_exp(float* g, int64_t V, const float* block_m, Stats st, float coef, int64_t y, float q) {
+// g = e * exp(m_b - m) * (-c / s) block by block, the label entry c * q; e may alias g (fp32).
+template <typename T>
+void row_grad_from_exp(const float* e, T* g, int64_t V, const float* block_m, Stats st, float coef, int64_t y,
+                       float q) {
+  using IO = RowIO<T>;
   const int64_t vs = Vec::size();
   for (int64_t b0 = 0, bi = 0; b0 < V; b0 += kBlock, ++bi) {
-    float* gb = g + b0;
+    const float* eb = e + b0;
+    T* gb = g + b0;
     const int64_t n = std::min(kBlock, V - b0);
     if (block_m[bi] == kNegInf) {
       zero_row(gb, n);
       continue;
     }
     const Vec scale(std::exp(block_m[bi] - st.m) * (-coef / st.s));
+    Vec a, b;
     int64_t j = 0;
-    for (; j + vs <= n; j += vs) (Vec::loadu(gb + j) * scale).store(gb + j);
-    if (j < n) (Vec::loadu(gb + j, n - j) * scale).store(gb + j, n - j);
+    for (; j + IO::kStep <= n; j += IO::kStep) {
+      a = Vec::loadu(eb + j);
+      b = Vec::loadu(eb + j + vs);
+      IO::store(gb + j, a * scale, b * scale);
+    }
+    if (j < n) {
+      RowIO<float>::load_tail(eb + j, n - j, 0.f, a, b);
+      IO::store_tail(gb + j, n - j, a * scale, b * scale);
+    }
   }
-  g[y] = coef * q;  // c (1 - p_y) without cancellation as p_y -> 1
+  g[y] = static_cast<T>(coef * q);  // c (1 - p_y) without cancellation as p_y -> 1
 }
 
 // (statistics, label logit) of row i.
@@ -293,7 +311,7 @@ void dispatch(DType dtype, F&& f) {
 
 // ------------------------------------------------------------------------------------------ kernels
 // logp [n] and stats [3, n] = (m, s, r); (0, 1, 0) on ignored rows.
-void logprobs(const Job& j, int64_t begin, int64_t end) {
+void logprobs(const Job& j, int64_t begin, int64_t end, float* scratch) {
   float *sm = j.stats, *ss = sm + j.n, *sr = ss + j.n;
   dispatch(j.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -310,7 +328,7 @@ void logprobs(const Job& j, int64_t begin, int64_t end) {
 }
 
 // grad = dL/dlogp * (onehot - softmax): the backward of logprobs, from the saved statistics.
-void logprobs_backward(const Job& j, int64_t begin, int64_t end) {
+void logprobs_backward(const Job& j, int64_t begin, int64_t end, float* scratch) {
   const float *sm = j.stats_in, *ss = sm + j.n, *sr = ss + j.n;
   dispatch(j.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -324,7 +342,7 @@ void logprobs_backward(const Job& j, int64_t begin, int64_t end) {
 }
 
 // l^aligned - l^base per row (aligned in x, base in frozen[0]).
-void weak_log_ratio(const Job& j, int64_t begin, int64_t end) {
+void weak_log_ratio(const Job& j, int64_t begin, int64_t end, float* scratch) {
   dispatch(j.dtype, [&](auto tag) {
     using T = decltype(tag);
     for (int64_t i = begin; i < end; ++i) {
@@ -339,7 +357,7 @@ void weak_log_ratio(const Job& j, int64_t begin, int64_t end) {
 
 // Both WSPO kernels: with `four` the one-pass kernel reads the three frozen rows and fills logp
 // [4, n] (policy, ref, aligned, base); without, k = gamma * l^r + l^a - l^w is given and logp is [n].
-void wspo(const Job& j, int64_t begin, int64_t end) {
+void wspo(const Job& j, int64_t begin, int64_t end, float* scratch) {
   const int n_logps = j.four ? 4 : 1;
   const float g = j.gamma;
   dispatch(j.dtype, [&](auto tag) {
@@ -365,20 +383,19 @@ void wspo(const Job& j, int64_t begin, int64_t end) {
         k = j.k[i];
       }
       const int64_t V = j.x.vocab;
-      if constexpr (std::is_same_v<T, float>) {
-        if (j.grad != nullptr && V <= kMaxBlocks * kBlock) {  // one exp per element (see row_stats_keep_exp)
-          float block_m[kMaxBlocks];
-          const float* x = j.x.row<float>(i);
-          float* gr = j.grad->row<float>(i);
-          const float z = x[y];
-          const Stats st = row_stats_keep_exp(x, gr, V, y, block_m);
-          const auto [lp, q] = logp_q(z, st);
-          const float d = g * lp - k, w = j.weight[i];
-          j.logp[i] = lp;
-          j.loss[i] = w * d * d;
-          row_grad_from_exp(gr, V, block_m, st, 2.f * g * w * d, y, q);
-          continue;
-        }
+      if (j.grad != nullptr && V <= kMaxBlocks * kBlock) {  // one exp per element (see row_stats_keep_exp)
+        float block_m[kMaxBlocks];
+        const T* x = j.x.row<T>(i);
+        T* gr = j.grad->row<T>(i);
+        float* e = std::is_same_v<T, float> ? reinterpret_cast<float*>(gr) : scratch;
+        const float z = static_cast<float>(x[y]);
+        const Stats st = row_stats_keep_exp(x, e, V, y, block_m);
+        const auto [lp, q] = logp_q(z, st);
+        const float d = g * lp - k, w = j.weight[i];
+        j.logp[i] = lp;
+        j.loss[i] = w * d * d;
+        row_grad_from_exp(e, gr, V, block_m, st, 2.f * g * w * d, y, q);
+        continue;
       }
       auto [st, z] = row_stats<T>(j.x, i, y);
       const auto [lp, q] = logp_q(z, st);
@@ -391,7 +408,7 @@ void wspo(const Job& j, int64_t begin, int64_t end) {
 }
 
 // grad[i, :] *= scale[i] in float32, in place (grad in x).
-void scale_rows(const Job& j, int64_t begin, int64_t end) {
+void scale_rows(const Job& j, int64_t begin, int64_t end, float* scratch) {
   const int64_t V = j.x.vocab;
   dispatch(j.dtype, [&](auto tag) {
     using T = decltype(tag);

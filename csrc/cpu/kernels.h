@@ -41,7 +41,10 @@ struct Job {
   float* loss = nullptr;             // wspo: [n]
 };
 
-using RowKernel = void (*)(const Job&, int64_t begin, int64_t end);  // rows [begin, end)
+// Rows [begin, end); `scratch` holds scratch_floats(job) floats for this call alone (one per thread).
+using RowKernel = void (*)(const Job&, int64_t begin, int64_t end, float* scratch);
+
+inline int64_t scratch_floats(const Job& j) { return j.grad != nullptr ? j.x.vocab : 0; }
 
 struct KernelTable {
   const char* capability;

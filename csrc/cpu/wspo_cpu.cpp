@@ -11,6 +11,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -125,7 +126,11 @@ void check_label_range(const Job& j, const Rows& other) {
 }
 
 void run(RowKernel kernel, const Job& j) {
-  at::parallel_for(0, j.n, kRowsPerTask, [&](int64_t begin, int64_t end) { kernel(j, begin, end); });
+  const int64_t floats = scratch_floats(j);
+  at::parallel_for(0, j.n, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<float[]> scratch(floats > 0 ? new float[floats] : nullptr);  // baseline code: no ISA flags
+    kernel(j, begin, end, scratch.get());
+  });
 }
 
 Tensor per_row(const Tensor& like, int64_t n) { return at::empty({n}, like.options().dtype(at::kFloat)); }
