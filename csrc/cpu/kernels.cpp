@@ -18,7 +18,8 @@
 // then the policy's; d = gamma * (l^p - l^r) - (l^a - l^w), loss = w * d^2 with the per-token weight
 // w (m_t / n_b / B'), and the policy gradient of sum_t loss_t written in a second sweep of the policy
 // row (from cache):  g_v = -c * exp(z_v - m) / s,  g_y = c * q,  c = 2 * gamma * w * d
-// (no cancellation as p_y -> 1).  wspo_rows is the same with the frozen models folded into
+// (no cancellation as p_y -> 1); the first sweep keeps its exps, so the second only rescales them
+// (see "one exp per element").  wspo_rows is the same with the frozen models folded into
 // k = gamma * l^r + l^a - l^w.  Nothing is saved: the caller keeps the gradient; the gradient
 // buffer may be the policy logits (in place, any non-overlapping layout), as each element is read
 // before it is written.
