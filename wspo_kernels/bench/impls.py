@@ -124,6 +124,26 @@ def cce_linear(x):
     return step
 
 
+def torch_lce_linear(x):
+    """PyTorch's own chunked ``torch.nn.functional.linear_cross_entropy`` per model (torch >= 2.13, default
+    ``LinearCrossEntropyOptions``; reduction='none' gives -logp): what a PyTorch user reaches for first."""
+    F = torch.nn.functional
+    options = torch.nn.LinearCrossEntropyOptions()
+    _, mask = shifted(x["labels"])
+    B, T, H = x["hidden"][0].shape
+    flat_y = x["labels"][:, 1:].reshape(-1)
+
+    def logps(h, w):
+        return -F.linear_cross_entropy(h[:, :-1].reshape(-1, H), w, flat_y, reduction="none", ignore_index=-100,
+                                       options=options).view(B, T - 1)
+
+    def step():
+        with torch.no_grad():
+            lr, la, lw = (logps(h, w) for h, w in zip(x["hidden"][1:], x["weights"][1:]))
+        official_reduction(logps(x["hidden"][0], x["weights"][0]), lr, la, lw, mask).backward()
+    return step
+
+
 def liger_linear(x):
     """Liger's fused linear cross-entropy per model, reduction='none' (GPU only)."""
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -192,16 +212,18 @@ def _ours(kind):
 IMPLS = {
     "logits": {"official": official_logits, "trl": trl_logits, **_ours("logits")},
     "linear": {"official": official_linear, "hand-chunked": hand_chunked_linear, "cce": cce_linear,
-               "liger": liger_linear, **_ours("linear")},
+               "torch-lce": torch_lce_linear, "liger": liger_linear, **_ours("linear")},
     "logps": {"official": official_logps, "trl": trl_logps, **_ours("logps")},
 }
-PEERS = ("official", "trl", "hand-chunked", "cce", "liger")
+PEERS = ("official", "trl", "hand-chunked", "cce", "torch-lce", "liger")
 
 
 def available(impl: str, device: torch.device, dtype: torch.dtype):
     """None if ``impl`` can run here, else why not (a skipped row, never a faked one)."""
     if impl == "cce" and importlib.util.find_spec("cut_cross_entropy") is None:
         return "cut-cross-entropy not installed (pip install .[bench])"
+    if impl == "torch-lce" and not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return f"torch.nn.functional.linear_cross_entropy with options needs torch >= 2.13 (have {torch.__version__})"
     if impl == "liger":
         if device.type != "cuda":
             return "Liger is GPU only"
