@@ -49,6 +49,7 @@ inline int64_t scratch_floats(const Job& j) { return j.grad != nullptr ? j.x.voc
 struct KernelTable {
   const char* capability;
   RowKernel logprobs, logprobs_backward, weak_log_ratio, wspo, scale_rows;
+  void (*exp_sweep)(float* buf, int64_t n, int64_t repeats);  // buf = exp(buf - 1), repeatedly: the exp rate
 };
 
 // One per compiled copy of kernels.cpp (setup.py defines WSPO_HAVE_AVX2 / WSPO_HAVE_AVX512 for the

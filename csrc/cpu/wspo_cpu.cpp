@@ -11,6 +11,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <chrono>
 #include <memory>
 #include <string>
 #include <vector>
@@ -226,6 +227,21 @@ void scale_rows_(Tensor grad, const Tensor& scale) {
   run(active().scale_rows, j);
 }
 
+// Exps per second (G/s) of the active kernel copy on every thread: the benchmarks' exp floor.
+double exp_rate(int64_t repeats) {
+  constexpr int64_t kFloats = 4096;  // 16 KB per thread: L1-resident
+  const int64_t threads = at::get_num_threads();
+  const auto t0 = std::chrono::steady_clock::now();
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      std::vector<float> buf(kFloats, 0.5f);
+      active().exp_sweep(buf.data(), kFloats, repeats);
+    }
+  });
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return static_cast<double>(threads) * kFloats * repeats / seconds / 1e9;
+}
+
 }  // namespace wspo_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -234,6 +250,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "kernel copies compiled in and supported by this CPU, best first");
   m.def("use_capability", &wspo_cpu::use_capability, "run the kernel copy for this capability");
   m.def("capability", &wspo_cpu::capability, "the capability whose kernels run");
+  m.def("exp_rate", &wspo_cpu::exp_rate, "G exp/s of the active copy's vector exp on every thread", py::arg("repeats"));
   m.def("logprobs", &wspo_cpu::logprobs,
         "per-row logp [N] and statistics [3, N] (max, sum of exp, that sum without the label)");
   m.def("logprobs_backward", &wspo_cpu::logprobs_backward, "grad_logp * (onehot - softmax) into out");

@@ -10,7 +10,9 @@ over the best peer, the peak extra memory (CPU: VmHWM above the resident set aft
 warm-up step, in a fresh process; GPU: max_memory_allocated above the same point), and the fraction
 of the physical limit reached: bytes / measured copy bandwidth for logits (the WSPO floor is four
 reads and one gradient write), FLOPs / measured bare-GEMM rate for the linear form (policy: three
-GEMMs, each frozen model: one), and for logits the elements read per second (G elem/s).  Writes JSON (with machine info), a Markdown table and PNG plots.
+GEMMs, each frozen model: one), for the native CPU kernels the fraction of the exp floor (the exps
+their algorithm needs over the measured rate of the vector exp they use), and for logits the elements
+read per second (G elem/s).  Writes JSON (with machine info), a Markdown table and PNG plots.
 """
 import argparse
 import json
@@ -153,6 +155,10 @@ def machine_info(device):
     else:  # the ISA every CPU table names: torch's kernels and the native kernel copy that ran
         from ..backends import native
         info["isa"] = f"torch {torch.backends.cpu.get_cpu_capability()}, native {native.capability() or 'unavailable'}"
+        module = native._module("cpu")
+        if not isinstance(module, str):  # the exp floor: G exp/s of that copy's vector exp, every thread
+            module.exp_rate(2000)
+            info["exp_gps"] = max(module.exp_rate(20000) for _ in range(3))
     here = os.path.dirname(os.path.abspath(__file__))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here)
     info["commit"] = commit.stdout.strip() or None
@@ -169,6 +175,21 @@ def gemm_gflops(c, device):
     a = torch.randn(c["n"], c["h"], device=device, dtype=DTYPES[c["dtype"]])
     b = torch.randn(c["v"], c["h"], device=device, dtype=DTYPES[c["dtype"]])
     return 2 * c["n"] * c["h"] * c["v"] / _time_best(lambda: a @ b.t(), device, repeat=3) / 1e9
+
+
+def exp_floor_seconds(c, impl, info):
+    """The native kernels' exp floor: the exps their algorithm needs over the measured exp rate, or None.
+
+    Per counted position: one exp per model read for the statistics, and none more for the policy's
+    gradient (its exps are kept and rescaled): four logits 4, precomputed frozen logps 1, logps 1.
+    """
+    if not impl.startswith("ours-native") or c["kind"] == "linear" or not info.get("exp_gps"):
+        return None
+    B = max(1, c["n"] // SEQ_LEN)
+    T = c["n"] // B
+    counted = B * (T - T // 8 - 1)   # make_inputs: the first T // 8 labels are prompt, the last row is shifted out
+    per_position = 1 if c["kind"] == "logps" or impl.endswith("-precomputed") else 4
+    return per_position * counted * c["v"] / (info["exp_gps"] * 1e9)
 
 
 def floor_seconds(c, impl, info):
@@ -208,6 +229,9 @@ def run(cases, impl_names, device, repeat, log=print):
                 if out.returncode == 0:
                     row = json.loads(out.stdout.strip().splitlines()[-1])
                     row["limit_fraction"] = floor_seconds(c, impl, info) / row["median_s"]
+                    exp_floor = exp_floor_seconds(c, impl, info)
+                    if exp_floor is not None:
+                        row["exp_floor_fraction"] = exp_floor / row["median_s"]
                     if c["kind"] != "linear":  # logits elements read per second (four models, or one)
                         row["gelem_per_s"] = (1 if c["kind"] == "logps" else 4) * c["n"] * c["v"] / row["median_s"] / 1e9
                     rows.append(row)
@@ -237,19 +261,22 @@ def add_ratios(rows):
 
 def markdown(info, rows):
     where = info.get("gpu") or f"{info['cpu']} ({info['threads']} threads; ISA: {info.get('isa', 'not recorded')})"
+    exp_rate = f"; native exp {info['exp_gps']:.2f} G/s" if info.get("exp_gps") else ""
     head = [f"{where}; torch {info['torch']}, triton {info['triton']}, commit {info['commit']}; copy bandwidth "
-            f"{info['copy_gbps']:.1f} GB/s; bare logits GEMM " + ", ".join(
+            f"{info['copy_gbps']:.1f} GB/s{exp_rate}; bare logits GEMM " + ", ".join(
                 f"{k} {v:.0f} GFLOP/s" for k, v in info["gemm_gflops"].items()), "",
-            "| case | impl | median s (min-max) | vs official | vs best peer | peak extra MiB | % of limit | G elem/s |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| case | impl | median s (min-max) | vs official | vs best peer | peak extra MiB | % of limit "
+            "| % of exp floor | G elem/s |",
+            "|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
     for r in rows:
         if "skipped" in r:
-            head.append(f"| {r['case']} | {r['impl']} | skipped: {r['skipped']} | | | | | |")
+            head.append(f"| {r['case']} | {r['impl']} | skipped: {r['skipped']} | | | | | | |")
         else:
             head.append(f"| {r['case']} | {r['impl']} | {r['median_s']:.4f} ({r['min_s']:.4f}-{r['max_s']:.4f}) | "
                         f"{fmt(r['vs_official'])} | {fmt(r['vs_best_peer'])} | {r['peak_extra_mib']:.0f} | "
                         f"{100 * r['limit_fraction']:.0f}% | "
+                        + (f"{100 * r['exp_floor_fraction']:.0f}% | " if "exp_floor_fraction" in r else "- | ")
                         + (f"{r['gelem_per_s']:.2f} |" if "gelem_per_s" in r else "- |"))
     return "\n".join(head)
 
