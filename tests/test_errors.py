@@ -158,8 +158,9 @@ BAD_INPUTS = {
     "frozen tuple hidden size 0": (lambda: _loss(_LOGITS[0], _LABELS, [(torch.randn(2, 4, 0), torch.randn(11, 0)),
                                                                       *_LOGITS[2:]]),
                                    ValueError, "ref hidden has hidden size H=0"),
-    "label outside ref logits": (lambda: _loss(_LOGITS[0], _BIG, [torch.randn(2, 4, 12), torch.randn(2, 4, 13),
-                                                                  torch.randn(2, 4, 13)]),
+    "label outside ref logits": (lambda: _loss(torch.randn(2, 4, 13), _BIG, [torch.randn(2, 4, 12),
+                                                                             torch.randn(2, 4, 13),
+                                                                             torch.randn(2, 4, 13)]),
                                  ValueError, r"\[0, 12\) for ref"),
     "label outside weak_base logits (logps elsewhere)": (
         lambda: _loss(torch.randn(2, 4, 13), _BIG, [torch.zeros(2, 3), torch.zeros(2, 3), torch.randn(2, 4, 12)]),

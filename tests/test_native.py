@@ -203,8 +203,3 @@ def test_one_exp_path_block_edges(capability, vocab, inplace, dtype):
         lowp = pl.grad
     check_loss(loss, ref, dtype)
     check_grad(policy.grad, p64.grad, dtype, lowp)
-
-
-def test_exp_rate_of_every_copy(capability):
-    """The benchmarks' exp floor: a positive rate, the copy's own exp (the sweep runs its vector exp)."""
-    assert EXT.exp_rate(50) > 0

@@ -29,9 +29,9 @@ STATS_ROWS = 3   # saved row statistics: max m, sum s of exp(z - m), the same su
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def acc_dtype(x: torch.Tensor) -> torch.dtype:
-    """Accumulation dtype: float32, or float64 for float64 inputs (the verification dtype)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def acc_dtype(x: torch.Tensor, *others: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: float32, or float64 when any input is float64 (the verification dtype)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in (x, *others)) else torch.float32
 
 
 def check_float(x: torch.Tensor, name: str) -> None:

@@ -52,7 +52,7 @@ def _linear_rows(hidden, weight, bias, layout, name):
 
 
 def _frozen(x, layout, name, backend):
-    """A frozen model's input as ('logits', [N, V] rows) or ('logps', [N] float)."""
+    """A frozen model's input as ('logits', [N, V] rows, name) or ('logps', [N] float, name)."""
     if isinstance(x, (tuple, list)):
         if len(x) not in (2, 3):
             raise ValueError(f"{name} as a tuple must be (hidden, weight) or (hidden, weight, bias)")
@@ -61,26 +61,27 @@ def _frozen(x, layout, name, backend):
         check_labels_range(layout.labels, layout.ignore_index, **{name: weight.shape[0]})  # names the model
         with torch.no_grad():
             return "logps", ops.linear_logprobs(h.detach(), weight.detach(), None if bias is None else bias.detach(),
-                                                layout.labels, layout.ignore_index, backend)[0]
+                                                layout.labels, layout.ignore_index, backend)[0], name
     check_float(x, name)
     check_same_device(layout.labels, **{name: x})
     x = x.detach()
     if x.dim() == len(layout.token_shape) + 1:
-        rows = rows_of(x, layout, name)
-        check_labels_range(layout.labels, layout.ignore_index, **{name: x.shape[-1]})  # names the model
-        return "logits", rows
+        return "logits", rows_of(x, layout, name), name
     if tuple(x.shape) != tuple(layout.token_shape):
         raise ValueError(
             f"{name} must be logits of shape {layout.grid + ('V',)} or per-token logps of shape "
             f"{tuple(layout.token_shape)} (as token_logprobs returns them with shift={layout.shift}); "
             f"got {tuple(x.shape)}")
-    return "logps", layout.from_user(x, name)
+    return "logps", layout.from_user(x, name), name
 
 
-def _logps_of(kind_value, layout, backend):
-    kind, value = kind_value
+def _logps_of(frozen, layout, backend):
+    kind, value, name = frozen
     if kind == "logps":
         return value
+    # The one-pass and weak-pair ops check labels against each model by name; the generic logprobs op
+    # only knows "logits", so name the model here.
+    check_labels_range(layout.labels, layout.ignore_index, **{name: value.shape[-1]})
     with torch.no_grad():
         return ops.logprobs(value, layout.labels, layout.ignore_index, backend)[0]
 
@@ -160,10 +161,8 @@ def weak_log_ratio(aligned_logits, base_logits, labels, *, ignore_index=-100, sh
     """
     check_choice(backend)
     layout = make_layout(labels, shift=shift, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
-    check_float(aligned_logits, "aligned_logits")
-    check_float(base_logits, "base_logits")
-    a = rows_of(aligned_logits.detach(), layout, "aligned_logits")
-    w = rows_of(base_logits.detach(), layout, "base_logits")
+    a = rows_of(aligned_logits, layout, "aligned_logits").detach()
+    w = rows_of(base_logits, layout, "base_logits").detach()
     return layout.to_user(ops.weak_log_ratio(a, w, layout.labels, layout.ignore_index, backend or ""))
 
 

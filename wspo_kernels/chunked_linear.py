@@ -40,16 +40,12 @@ def _logits(h_c, w_acc, b_acc):
     return z if b_acc is None else z.add_(b_acc)
 
 
-def _acc_of(hidden, weight):
-    return torch.promote_types(_acc(hidden), _acc(weight))
-
-
 def _upcast(weight, bias, acc):
     return weight.to(acc), None if bias is None else bias.to(acc)
 
 
 def linear_logprobs(rows, hidden, weight, bias, labels, ignore_index):
-    acc = _acc_of(hidden, weight)
+    acc = _acc(hidden, weight)
     w_acc, b_acc = _upcast(weight, bias, acc)
     n = hidden.shape[0]
     logp = torch.empty(n, dtype=acc, device=hidden.device)
@@ -86,7 +82,7 @@ def _finish(hidden, weight, bias, dh, dw, db):
 
 def linear_logprobs_backward(rows, grad_logp, hidden, weight, bias, labels, stats, ignore_index,
                              grad_hidden, grad_weight):
-    acc = _acc_of(hidden, weight)
+    acc = _acc(hidden, weight)
     w_acc, b_acc = _upcast(weight, bias, acc)
     dh, dw, db = _grad_buffers(hidden, weight, bias, acc, grad_hidden, grad_weight)
     for r in _chunks(hidden.shape[0], weight.shape[0]):
@@ -98,7 +94,7 @@ def linear_logprobs_backward(rows, grad_logp, hidden, weight, bias, labels, stat
 
 def linear_wspo(rows, hidden, weight, bias, labels, k, weight_t, gamma, ignore_index, grad_hidden, grad_weight):
     """Returns (sum_t loss_t, logp [N], dh, dW, db): gradients of the summed loss, written in forward."""
-    acc = _acc_of(hidden, weight)
+    acc = _acc(hidden, weight)
     w_acc, b_acc = _upcast(weight, bias, acc)
     n = hidden.shape[0]
     logp = torch.empty(n, dtype=acc, device=hidden.device)

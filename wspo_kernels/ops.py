@@ -104,7 +104,7 @@ def weak_log_ratio(aligned: Tensor, base: Tensor, labels: Tensor, ignore_index: 
 
 @weak_log_ratio.register_fake
 def _(aligned, base, labels, ignore_index, backend):
-    return aligned.new_empty(num_rows(aligned), dtype=torch.promote_types(_acc(aligned), _acc(base)))
+    return aligned.new_empty(num_rows(aligned), dtype=_acc(aligned, base))
 
 
 # ----------------------------------------------------------------------------- WSPO from logits
@@ -254,13 +254,9 @@ def linear_logprobs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labe
     return _linear_impl(rows).linear_logprobs(rows, hidden, weight, bias, labels, ignore_index)
 
 
-def _linear_acc(hidden: Tensor, weight: Tensor) -> torch.dtype:
-    return torch.promote_types(_acc(hidden), _acc(weight))
-
-
 @linear_logprobs.register_fake
 def _(hidden, weight, bias, labels, ignore_index, backend):
-    n, acc = hidden.shape[0], _linear_acc(hidden, weight)
+    n, acc = hidden.shape[0], _acc(hidden, weight)
     return hidden.new_empty(n, dtype=acc), hidden.new_empty(STATS_ROWS, n, dtype=acc)
 
 
@@ -314,7 +310,7 @@ def linear_wspo(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: 
 
 @linear_wspo.register_fake
 def _(hidden, weight, bias, labels, k, token_weight, gamma, ignore_index, grad_hidden, grad_weight, backend):
-    acc = _linear_acc(hidden, weight)
+    acc = _acc(hidden, weight)
     return (hidden.new_empty((), dtype=acc), hidden.new_empty(hidden.shape[0], dtype=acc),
             *_grad_likes(hidden, weight, bias, grad_hidden, grad_weight))
 

@@ -143,33 +143,66 @@ struct Stats {  // a row's max m, sum s of exp(z - m), and that sum r without th
   float m, s, r;
 };
 
-template <typename T>
-Stats row_stats_of(const T* x, int64_t V, int64_t y) {
+// The row statistics in one sweep from memory; with kKeepExp the exps e_v = exp(z_v - m_b) are also
+// stored to `e` (fp32, may alias an fp32 x) and each block's running max m_b to `block_m`, for the
+// one-exp gradient sweep below.  z_y is read first; the label's slot of `e` is left unwritten.
+template <bool kKeepExp, typename T>
+Stats row_stats_impl(const T* x, float* e, int64_t V, int64_t y, float* block_m) {
+  using IO = RowIO<T>;
+  const int64_t vs = Vec::size();
+  const float z_y = static_cast<float>(x[y]);
   float m = kNegInf, r = 0.f;
-  for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
+  for (int64_t b0 = 0, bi = 0; b0 < V; b0 += kBlock, ++bi) {
     const T* xb = x + b0;
     const int64_t n = std::min(kBlock, V - b0);
     Vec vmax(kNegInf);
     for_steps(xb, n, kNegInf,
               [&](const Vec& a, const Vec& b) { vmax = at::vec::maximum(vmax, at::vec::maximum(a, b)); });
     const float block_max = hmax(vmax);
-    if (block_max == kNegInf) continue;  // nothing to add (and no -inf - -inf)
+    if constexpr (kKeepExp) block_m[bi] = block_max;
+    if (block_max == kNegInf) continue;  // nothing to add (and no -inf - -inf); the gradient sweep zeroes it
     const float m_new = (block_max > m || std::isnan(block_max)) ? block_max : m;  // NaN sticks
     r *= std::exp(m - m_new);
     m = m_new;
+    if constexpr (kKeepExp) block_m[bi] = m;
     const Vec vm(m);
     Vec vsum(0.f);
-    auto add = [&](const Vec& a, const Vec& b) { vsum += vexp(a - vm) + vexp(b - vm); };
+    auto segment = [&](int64_t lo, int64_t hi) {  // exps over [lo, hi) of the block, summed (and kept)
+      Vec a, b;
+      int64_t j = lo;
+      for (; j + IO::kStep <= hi; j += IO::kStep) {
+        IO::load(xb + j, a, b);
+        a = vexp(a - vm);
+        b = vexp(b - vm);
+        if constexpr (kKeepExp) {
+          a.store(e + b0 + j);
+          b.store(e + b0 + j + vs);
+        }
+        vsum += a + b;
+      }
+      if (j < hi) {
+        IO::load_tail(xb + j, hi - j, kNegInf, a, b);
+        a = vexp(a - vm);
+        b = vexp(b - vm);
+        if constexpr (kKeepExp) RowIO<float>::store_tail(e + b0 + j, hi - j, a, b);
+        vsum += a + b;
+      }
+    };
     const int64_t yl = y - b0;
-    if (yl >= 0 && yl < n) {  // the block holding the label: sum around it
-      for_steps(xb, yl, kNegInf, add);
-      for_steps(xb + yl + 1, n - yl - 1, kNegInf, add);
+    if (yl >= 0 && yl < n) {  // the block holding the label: around it
+      segment(0, yl);
+      segment(yl + 1, n);
     } else {
-      for_steps(xb, n, kNegInf, add);
+      segment(0, n);
     }
     r += hsum(vsum);
   }
-  return {m, r + std::exp(static_cast<float>(x[y]) - m), r};
+  return {m, r + std::exp(z_y - m), r};
+}
+
+template <typename T>
+Stats row_stats_of(const T* x, int64_t V, int64_t y) {
+  return row_stats_impl<false>(x, static_cast<float*>(nullptr), V, y, nullptr);
 }
 
 // (logp, q = 1 - p_y) of a row, both accurate as p_y -> 1.
@@ -211,58 +244,6 @@ inline void zero_row(T* out, int64_t V) {
 // bf16 / fp16 gradient is still rounded once.  The label's slot is not summed (r) and is overwritten
 // with c * q at the end.
 constexpr int64_t kMaxBlocks = 128;  // rows up to kMaxBlocks * kBlock columns; longer ones take the two-exp path
-
-template <typename T>
-Stats row_stats_keep_exp(const T* x, float* e, int64_t V, int64_t y, float* block_m) {
-  using IO = RowIO<T>;
-  const int64_t vs = Vec::size();
-  const float z_y = static_cast<float>(x[y]);
-  float m = kNegInf, r = 0.f;
-  for (int64_t b0 = 0, bi = 0; b0 < V; b0 += kBlock, ++bi) {
-    const T* xb = x + b0;
-    float* ebk = e + b0;
-    const int64_t n = std::min(kBlock, V - b0);
-    Vec vmax(kNegInf);
-    for_steps(xb, n, kNegInf,
-              [&](const Vec& a, const Vec& b) { vmax = at::vec::maximum(vmax, at::vec::maximum(a, b)); });
-    const float block_max = hmax(vmax);
-    block_m[bi] = block_max;
-    if (block_max == kNegInf) continue;  // the gradient sweep zeroes this block
-    const float m_new = (block_max > m || std::isnan(block_max)) ? block_max : m;  // NaN sticks
-    r *= std::exp(m - m_new);
-    m = block_m[bi] = m_new;
-    const Vec vm(m);
-    Vec vsum(0.f);
-    auto segment = [&](int64_t lo, int64_t hi) {  // e over [lo, hi) of the block, summed
-      Vec a, b;
-      int64_t j = lo;
-      for (; j + IO::kStep <= hi; j += IO::kStep) {
-        IO::load(xb + j, a, b);
-        a = vexp(a - vm);
-        b = vexp(b - vm);
-        a.store(ebk + j);
-        b.store(ebk + j + vs);
-        vsum += a + b;
-      }
-      if (j < hi) {
-        IO::load_tail(xb + j, hi - j, kNegInf, a, b);
-        a = vexp(a - vm);
-        b = vexp(b - vm);
-        RowIO<float>::store_tail(ebk + j, hi - j, a, b);
-        vsum += a + b;
-      }
-    };
-    const int64_t yl = y - b0;
-    if (yl >= 0 && yl < n) {  // the block holding the label: around it
-      segment(0, yl);
-      segment(yl + 1, n);
-    } else {
-      segment(0, n);
-    }
-    r += hsum(vsum);
-  }
-  return {m, r + std::exp(z_y - m), r};
-}
 
 // g = e * exp(m_b - m) * (-c / s) block by block, the label entry c * q; e may alias g (fp32).
 template <typename T>
@@ -384,13 +365,13 @@ void wspo(const Job& j, int64_t begin, int64_t end, float* scratch) {
         k = j.k[i];
       }
       const int64_t V = j.x.vocab;
-      if (j.grad != nullptr && V <= kMaxBlocks * kBlock) {  // one exp per element (see row_stats_keep_exp)
+      if (j.grad != nullptr && V <= kMaxBlocks * kBlock) {  // one exp per element (see row_stats_impl)
         float block_m[kMaxBlocks];
         const T* x = j.x.row<T>(i);
         T* gr = j.grad->row<T>(i);
         float* e = std::is_same_v<T, float> ? reinterpret_cast<float*>(gr) : scratch;
         const float z = static_cast<float>(x[y]);
-        const Stats st = row_stats_keep_exp(x, e, V, y, block_m);
+        const Stats st = row_stats_impl<true>(x, e, V, y, block_m);
         const auto [lp, q] = logp_q(z, st);
         const float d = g * lp - k, w = j.weight[i];
         j.logp[i] = lp;

@@ -44,7 +44,10 @@ struct Job {
 // Rows [begin, end); `scratch` holds scratch_floats(job) floats for this call alone (one per thread).
 using RowKernel = void (*)(const Job&, int64_t begin, int64_t end, float* scratch);
 
-inline int64_t scratch_floats(const Job& j) { return j.grad != nullptr ? j.x.vocab : 0; }
+// Only wspo with a bf16 / fp16 gradient keeps its exps in scratch (an fp32 gradient row holds them itself).
+inline int64_t scratch_floats(const Job& j) {
+  return j.loss != nullptr && j.grad != nullptr && j.dtype != DType::kFloat ? j.x.vocab : 0;
+}
 
 struct KernelTable {
   const char* capability;

@@ -102,7 +102,15 @@ Rows grad_rows(const Tensor& grad, const Tensor& like, int64_t n, const char* na
   return rows_of(grad, n, name);
 }
 
-// The labels' checks (the values were range-checked by the caller; checked once more per row here).
+// Labels inside [0, V) of `rows` or ignore_index (the Python ops check first; this guards direct calls).
+void check_label_range(const Job& j, const Rows& rows) {
+  for (int64_t i = 0; i < j.n; ++i) {
+    const int64_t y = j.labels[i];
+    TORCH_CHECK(y == j.ignore_index || (y >= 0 && y < rows.vocab), "label ", y, " outside [0, ", rows.vocab, ")");
+  }
+}
+
+// A job over `logits` rows with checked labels.
 Job job_for(const Tensor& logits, const Tensor& labels, int64_t ignore_index, const char* name) {
   TORCH_CHECK(labels.dim() == 1 && labels.scalar_type() == at::kLong && labels.is_contiguous() &&
                   labels.device().is_cpu(), "labels must be contiguous CPU int64 [N]");
@@ -112,18 +120,8 @@ Job job_for(const Tensor& logits, const Tensor& labels, int64_t ignore_index, co
   j.x = rows_of(logits, j.n, name);
   j.labels = labels.data_ptr<int64_t>();
   j.ignore_index = ignore_index;
-  for (int64_t i = 0; i < j.n; ++i) {
-    const int64_t y = j.labels[i];
-    TORCH_CHECK(y == ignore_index || (y >= 0 && y < j.x.vocab), "label ", y, " outside [0, ", j.x.vocab, ")");
-  }
+  check_label_range(j, j.x);
   return j;
-}
-
-void check_label_range(const Job& j, const Rows& other) {
-  for (int64_t i = 0; i < j.n; ++i) {
-    const int64_t y = j.labels[i];
-    TORCH_CHECK(y == j.ignore_index || (y >= 0 && y < other.vocab), "label ", y, " outside [0, ", other.vocab, ")");
-  }
 }
 
 void run(RowKernel kernel, const Job& j) {

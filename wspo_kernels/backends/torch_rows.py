@@ -167,9 +167,9 @@ def logprobs_backward(logits, labels, stats, grad_logp, ignore_index, out):
 
 
 def weak_log_ratio(aligned, base, labels, ignore_index):
-    acc = torch.promote_types(_acc_dtype(aligned), _acc_dtype(base))
+    acc = _acc_dtype(aligned, base)
     out = torch.empty(labels.shape[0], dtype=acc, device=aligned.device)
-    T, scratch = _seq_len(aligned, base), torch.empty(ROW_BLOCK, VOCAB_BLOCK, dtype=acc, device=aligned.device)
+    T, scratch = _seq_len(aligned, base), _scratch(aligned)
     for r in _row_blocks(labels.shape[0], T):
         la = _stats_and_logp(_take(aligned, r, T), labels[r], ignore_index, scratch)[3]
         lw = _stats_and_logp(_take(base, r, T), labels[r], ignore_index, scratch)[3]

@@ -38,7 +38,6 @@ BLOCK_M = 64
 BLOCK_V = 128
 BLOCK_K = 32
 VOCAB_SPLITS = 8          # forward programs per row block along the vocabulary (merged deterministically)
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
