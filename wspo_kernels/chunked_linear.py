@@ -11,9 +11,10 @@ accumulation dtype (fp16 hidden with an fp32 weight: fp32).
 Peak extra memory is one chunk of fp32 logits plus the fp32 dW/db accumulators: flat in N.  A chunk
 is ``LINEAR_CHUNK_ELEMS`` logits (64 MB; ``WSPO_KERNELS_LINEAR_CHUNK_MB`` sets it) but at least
 ``MIN_CHUNK_ROWS`` rows: skinny GEMMs are slow on CPUs (at V=32000, H=512: 131-row chunks ran 16%
-slower than 524-row ones on 2 Zen 4 cores), so a large vocabulary gets a larger chunk, not fewer rows.  ``linear_wspo`` writes the gradient in the forward pass (it needs the
-reduced loss to be a scalar: the backward then only scales dh, dW, db); ``linear_logprobs`` saves
-only the per-row statistics and recomputes each chunk's logits in its backward.
+slower than 524-row ones on 2 Zen 4 cores), so a large vocabulary gets a larger chunk, not fewer rows.
+``linear_wspo`` writes the gradient in the forward pass (it needs the reduced loss to be a scalar:
+the backward then only scales dh, dW, db); ``linear_logprobs`` saves only the per-row statistics and
+recomputes each chunk's logits in its backward.
 """
 import os
 
