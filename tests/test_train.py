@@ -9,38 +9,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
 
 from wspo_kernels.reference import reference_wspo_loss  # noqa: E402
 from wspo_kernels.train import WSPODataCollator, WSPOTrainer, precompute_logps  # noqa: E402
 from wspo_kernels.train import precompute as precompute_mod  # noqa: E402
 from wspo_kernels.train.data import LOGPS_COLUMNS, build_example  # noqa: E402
+from train_fixtures import VOCAB, examples, frozen_models, save_tiny_checkpoints, tiny  # noqa: E402
 from wspo_kernels.train.trainer import count_sequences  # noqa: E402
-
-VOCAB = 48
-
-
-def tiny(seed, tie=False):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
-                         tie_word_embeddings=tie)
-    return LlamaForCausalLM(config)
-
-
-def examples(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        p = torch.randint(1, VOCAB, (2 + i % 3,), generator=g).tolist()
-        r = torch.randint(1, VOCAB, (1 + (i * 2) % 5,), generator=g).tolist()
-        out.append(build_example(p, r))
-    return out
-
-
-def frozen_models():
-    return dict(ref_model=tiny(1), weak_aligned_model=tiny(2), weak_base_model=tiny(3))
-
 
 def args(tmp_path, **kw):
     base = dict(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, save_strategy="no")
@@ -162,12 +138,60 @@ def test_precompute_round_trip_and_resume(tmp_path, monkeypatch):
         assert second[c] == first[c]
 
 
-def test_collator_drops_examples_without_response_tokens():
+def test_rows_without_response_tokens_never_break_a_step(tmp_path):
+    """Such rows pass the collator as all-ignored rows (left out of the mean), precompute gives them zero logps,
+    and a micro-batch made only of them trains (batch 1 x accumulation 7, the official batch shape)."""
     collate = WSPODataCollator(0, max_length=4)
     rows = [build_example([5, 6, 7, 8, 9], [10, 11]), build_example([5], [10, 11])]
     batch = collate(rows)
-    assert collate.dropped == 1 and batch["input_ids"].shape == (1, 3)
-    assert count_sequences(batch["labels"]) == 1
+    assert collate.truncated == 1 and batch["input_ids"].shape == (2, 4) and count_sequences(batch["labels"]) == 1
+    empty = {"input_ids": [5, 6, 7], "labels": [-100, -100, -100]}
+    ds = precompute_logps(datasets.Dataset.from_list(examples(6) + [empty]), **frozen_models(), progress=False)
+    assert ds[6]["ref_logps"] == [0.0, 0.0]
+    trainer = WSPOTrainer(tiny(0), args(tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=7,
+                                        max_steps=1), train_dataset=ds)
+    trainer.train()
+    assert trainer.state.global_step == 1 and math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+def test_dropout_is_disabled_in_policy_and_frozen_models(tmp_path):
+    """As the official trainer: two evaluations of one batch in train mode give one loss (attention dropout 0.1)."""
+    policy = tiny(0, attention_dropout=0.1)
+    frozen = {k: tiny(i + 1, attention_dropout=0.1) for i, k in enumerate(frozen_models())}
+    trainer = WSPOTrainer(policy, args(tmp_path), **frozen)
+    batch = WSPODataCollator(0)(examples(6))
+    first, second = (trainer.compute_loss(policy.train(), batch).item() for _ in range(2))
+    assert first == second == trainer.compute_loss(policy.eval(), batch).item()
+
+
+def test_default_args_keep_the_logps_columns_and_normaliser_resets(tmp_path, monkeypatch):
+    """WSPOTrainer(args=None) trains on precomputed columns; after train(), compute_loss normalises by its batch."""
+    monkeypatch.chdir(tmp_path)  # Trainer's default output_dir
+    ds = precompute_logps(datasets.Dataset.from_list(examples(6)), **frozen_models(), progress=False)
+    policy = tiny(0)
+    trainer = WSPOTrainer(policy, train_dataset=ds)
+    trainer.train()
+    batch = WSPODataCollator(0)(list(ds.select(range(3))))
+    got = trainer.compute_loss(policy.train(), batch)
+    want = trainer.compute_loss(policy.eval(), batch)  # evaluation: the mean over this batch
+    assert math.isclose(got.item(), want.item(), rel_tol=1e-6)
+
+
+def test_logs_the_official_metric_names(tmp_path):
+    """rewards/chosen = gamma * logps/chosen, the mean of the policy's per-token logps over the padded [B, T-1]
+    grid, as the official trainer computes them."""
+    policy, frozen = tiny(0), frozen_models()
+    trainer = WSPOTrainer(policy, args(tmp_path), gamma=0.3, **frozen)
+    batch = WSPODataCollator(0, pad_to_multiple_of=8)(examples(5))
+    trainer.compute_loss(policy.train(), batch)
+    logs = {}
+    trainer.log(logs)
+    logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0] * mask
+    assert math.isclose(logs["logps/chosen"], logps.mean().item(), rel_tol=1e-5)
+    assert math.isclose(logs["rewards/chosen"], 0.3 * logps.mean().item(), rel_tol=1e-5)
 
 
 def _free_port():
@@ -221,48 +245,3 @@ def test_demo_runs_end_to_end(tmp_path):
     assert all(math.isfinite(m) for _, m, _ in result["rows"])
     assert os.path.exists(tmp_path / "demo" / "wspo_loss.png")
     assert result["losses"][-1][1] < result["losses"][0][1]
-
-
-def _save_tiny_checkpoints(tmp_path):
-    """A word-level tokenizer and four tiny models saved to disk: what the CLI loads instead of Hub names."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 4)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>")
-    paths = {}
-    for name, seed in (("policy", 0), ("weak_aligned", 2), ("weak_base", 3)):
-        paths[name] = str(tmp_path / name)
-        tiny(seed).save_pretrained(paths[name])
-        tokenizer.save_pretrained(paths[name])
-    data = tmp_path / "data.jsonl"
-    g = torch.Generator().manual_seed(0)
-    with open(data, "w") as f:
-        for i in range(12):
-            words_p = " ".join(f"w{int(j)}" for j in torch.randint(0, VOCAB - 4, (3,), generator=g))
-            words_r = " ".join(f"w{int(j)}" for j in torch.randint(0, VOCAB - 4, (1 + i % 4,), generator=g))
-            f.write(f'{{"prompt": "{words_p}", "response": "{words_r}"}}\n')
-    return paths, str(data)
-
-
-@pytest.mark.parametrize("lora", [False, True])
-def test_train_cli_on_local_checkpoints(tmp_path, lora):
-    pytest.importorskip("yaml")
-    from wspo_kernels.train import cli
-    paths, data = _save_tiny_checkpoints(tmp_path)
-    config = tmp_path / "wspo.yaml"
-    lines = [f"policy: {paths['policy']}", f"weak_aligned: {paths['weak_aligned']}",
-             f"weak_base: {paths['weak_base']}", f"dataset: {data}", f"output_dir: {tmp_path / 'run'}",
-             "gamma: 0.1", "learning_rate: 1.0e-3", "max_steps: 3", "per_device_train_batch_size: 4",
-             "gradient_accumulation_steps: 2", "cutoff_len: 6", "logging_steps: 1", "use_cpu: true"]
-    if lora:
-        lines.append("lora: {r: 4, alpha: 8, target_modules: [q_proj, v_proj]}")
-    config.write_text("\n".join(lines) + "\n")
-    trainer = cli.train_main(str(config))
-    logged = [h for h in trainer.state.log_history if "loss" in h]
-    assert logged and all(math.isfinite(h["loss"]) for h in logged)
-    assert "wspo/implicit_reward" in logged[0]
-    assert os.path.exists(tmp_path / "run" / "precomputed" / "dataset")
-    assert os.listdir(tmp_path / "run" / "final")

@@ -4,7 +4,7 @@
     wspo-kernels check --tokens 2048 --vocab 32000
     wspo-kernels bench --quick   # peers vs every backend, JSON + table + plots (wspo_kernels.bench.runner)
     wspo-kernels demo [--quick]  # the end-to-end WSPO pipeline on tiny models (wspo_kernels.train.demo)
-    wspo-kernels precompute CONFIG.yaml / wspo-kernels train CONFIG.yaml   (wspo_kernels.train.cli)
+    wspo-kernels precompute|train CONFIG.yaml [key=value ...]   (wspo_kernels.train.cli; --help lists the keys)
 """
 import argparse
 import statistics
@@ -95,6 +95,21 @@ def check(args):
     return 0
 
 
+def _train_command(command, argv):
+    """``train`` / ``precompute``: a config error is one line on stderr and exit status 2, like argparse's."""
+    from wspo_kernels.train import cli
+    prog = f"wspo-kernels {command}"
+    if any(a in ("-h", "--help") for a in argv):
+        print(cli.format_help(prog))
+        return 0
+    try:
+        (cli.train_main if command == "train" else cli.precompute_main)(argv)
+    except (cli.ConfigError, FileNotFoundError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
@@ -103,10 +118,8 @@ def main(argv=None):
     if argv[:1] == ["demo"]:
         from wspo_kernels.train.demo import main as demo_main
         return demo_main(argv[1:])
-    if argv[:1] in (["train"], ["precompute"]) and len(argv) == 2:
-        from wspo_kernels.train import cli
-        (cli.train_main if argv[0] == "train" else cli.precompute_main)(argv[1])
-        return 0
+    if argv[:1] in (["train"], ["precompute"]):
+        return _train_command(argv[0], argv[1:])
     parser = argparse.ArgumentParser(prog="wspo-kernels", description="wspo-kernels command line")
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("check", help="compare every available backend with the naive loss (default)")
@@ -119,8 +132,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     sub.add_parser("bench", help="benchmarks against the peers (wspo-kernels bench --help)")
     sub.add_parser("demo", help="the end-to-end WSPO pipeline on tiny models (wspo-kernels demo --help)")
-    sub.add_parser("precompute", help="run the frozen models once: wspo-kernels precompute CONFIG.yaml")
-    sub.add_parser("train", help="WSPO training: wspo-kernels train CONFIG.yaml")
+    sub.add_parser("precompute", help="run the frozen models once: wspo-kernels precompute CONFIG.yaml [key=value ...]")
+    sub.add_parser("train", help="WSPO training from the official recipe's YAML: wspo-kernels train CONFIG.yaml "
+                                 "[key=value ...] (wspo-kernels train --help lists every key)")
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["check"] + argv)

@@ -1,61 +1,104 @@
-"""Prompt/response data for WSPO: tokenisation with -100 on the prompt, padding, truncation that never
-leaves a response without a token silently.
+"""Prompt/response data for WSPO: tokenisation with -100 on the prompt, the official truncation, padding.
 
 WSPO needs only the preferred (chosen / SFT) responses: there is no rejected half to compute.
 Precomputed frozen-model logps travel as the columns ``LOGPS_COLUMNS``, one value per position t of
 ``labels[1:]`` (the causal shift), and are padded with zeros like the labels.
+
+Truncation to ``cutoff_len`` (``TRUNCATIONS``):
+- ``"infer_seqlen"`` (default): the official recipe's rule (LLaMA-Factory's ``infer_seqlen``): keep the
+  *start* of the prompt and of the response and split the budget between them (a response shorter than
+  half the budget is kept whole, likewise a short prompt; otherwise in proportion to their lengths).
+- ``"prompt_left"``: drop prompt tokens from the left first (keep the end of the prompt, next to the
+  response), then response tokens from the right.
 """
-import logging
 from typing import Optional
 
 import torch
 
 IGNORE_INDEX = -100
 LOGPS_COLUMNS = {"ref": "ref_logps", "weak_aligned": "weak_aligned_logps", "weak_base": "weak_base_logps"}
-log = logging.getLogger(__name__)
+TRUNCATIONS = ("infer_seqlen", "prompt_left")
 
 
-def tokenize_prompt_response(tokenizer, prompt: str, response: str, *, max_length: Optional[int] = None):
-    """{"input_ids", "labels"} for one example, or None when no response token fits in ``max_length``.
-
-    The prompt goes through the tokenizer's chat template when it has one.  Over-long examples lose
-    prompt tokens from the left first, then response tokens from the right.
-    """
-    if getattr(tokenizer, "chat_template", None):
-        prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                   tokenize=True)
-        if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "input_ids"):
-            prompt_ids = prompt_ids["input_ids"]
-    else:
-        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        response_ids = response_ids + [tokenizer.eos_token_id]
-    return build_example(list(prompt_ids), list(response_ids), max_length=max_length)
+def infer_seqlen(source_len: int, target_len: int, cutoff_len: int):
+    """(prompt, response) lengths kept under ``cutoff_len`` by the official rule."""
+    if target_len * 2 < cutoff_len:  # a short response is kept whole
+        max_target_len = cutoff_len
+    elif source_len * 2 < cutoff_len:  # a short prompt is kept whole
+        max_target_len = cutoff_len - source_len
+    else:  # both long: in proportion
+        max_target_len = int(cutoff_len * (target_len / (source_len + target_len)))
+    new_target_len = min(max_target_len, target_len)
+    new_source_len = min(max(cutoff_len - new_target_len, 0), source_len)
+    return new_source_len, new_target_len
 
 
-def build_example(prompt_ids, response_ids, *, max_length: Optional[int] = None):
+def build_example(prompt_ids, response_ids, *, max_length: Optional[int] = None, truncation: str = "infer_seqlen"):
     """Token ids -> {"input_ids", "labels"}; None when no response token can be trained on."""
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
+    prompt_ids, response_ids = list(prompt_ids), list(response_ids)
     if max_length is not None and len(prompt_ids) + len(response_ids) > max_length:
-        keep_prompt = max(1, max_length - len(response_ids))
-        prompt_ids = prompt_ids[-keep_prompt:]
-        response_ids = response_ids[: max_length - len(prompt_ids)]
+        if truncation == "infer_seqlen":
+            n_prompt, n_response = infer_seqlen(len(prompt_ids), len(response_ids), max_length)
+            prompt_ids, response_ids = prompt_ids[:n_prompt], response_ids[:n_response]
+        else:
+            prompt_ids = prompt_ids[-max(1, max_length - len(response_ids)):]
+            response_ids = response_ids[: max_length - len(prompt_ids)]
     if not prompt_ids or not response_ids:  # a response token needs a preceding position to be scored
         return None
     return {"input_ids": prompt_ids + response_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids}
 
 
+def _token_ids(encoded):
+    return list(encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "input_ids") else encoded)
+
+
+def encode_prompt_response(tokenizer, prompt, response: str, *, chat_template: Optional[bool] = None):
+    """(prompt ids, response ids) of one example; ``prompt`` is a string or a list of chat messages.
+
+    With a chat template (the tokenizer's, used when it has one unless ``chat_template=False``) the
+    response ids are the template's rendering of the assistant turn (its end-of-turn token included);
+    without one, the prompt is tokenised with the tokenizer's special tokens and the response gets EOS.
+    """
+    use_template = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if use_template:
+        prompt_ids = _token_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        full = _token_ids(tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}],
+                                                        tokenize=True))
+        if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
+            return prompt_ids, full[len(prompt_ids):]
+    else:
+        text = "\n".join(m["content"] for m in messages)
+        prompt_ids = _token_ids(tokenizer(text, add_special_tokens=True))
+    response_ids = _token_ids(tokenizer(response, add_special_tokens=False))
+    if tokenizer.eos_token_id is not None:
+        response_ids = response_ids + [tokenizer.eos_token_id]
+    return prompt_ids, response_ids
+
+
+def tokenize_prompt_response(tokenizer, prompt, response: str, *, max_length: Optional[int] = None,
+                             truncation: str = "infer_seqlen", chat_template: Optional[bool] = None):
+    """{"input_ids", "labels"} for one example, or None when no response token fits in ``max_length``."""
+    prompt_ids, response_ids = encode_prompt_response(tokenizer, prompt, response, chat_template=chat_template)
+    return build_example(prompt_ids, response_ids, max_length=max_length, truncation=truncation)
+
+
 class WSPODataCollator:
     """Pads tokenised examples (and any precomputed logps columns) into a batch.
 
-    ``max_length`` truncates from the right; an example left without a response token is dropped and
-    counted in ``dropped`` (with a warning), never passed on as an all-ignored row.
+    A row without a response token passes through as an all-ignored row: it contributes nothing and is
+    left out of the loss's mean (drop such rows once, when the dataset is prepared; the CLI does).
+    ``max_length`` truncates from the right (counted in ``truncated``); ``pad_to_multiple_of`` pads the
+    sequence length as the official collator does (8).
     """
 
-    def __init__(self, pad_token_id: int, *, max_length: Optional[int] = None):
+    def __init__(self, pad_token_id: int, *, max_length: Optional[int] = None, pad_to_multiple_of: Optional[int] = None):
         self.pad_token_id = pad_token_id
         self.max_length = max_length
-        self.dropped = 0
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.truncated = 0
 
     def __call__(self, features):
         rows = []
@@ -63,17 +106,13 @@ class WSPODataCollator:
             ids, labels = list(f["input_ids"]), list(f["labels"])
             logps = {c: list(f[c]) for c in LOGPS_COLUMNS.values() if c in f}
             if self.max_length is not None and len(ids) > self.max_length:
+                self.truncated += 1
                 ids, labels = ids[: self.max_length], labels[: self.max_length]
                 logps = {c: v[: self.max_length - 1] for c, v in logps.items()}
-            if all(y == IGNORE_INDEX for y in labels[1:]):
-                self.dropped += 1
-                log.warning("WSPODataCollator: dropped an example with no response token left (%d so far)",
-                            self.dropped)
-                continue
             rows.append((ids, labels, logps))
-        if not rows:
-            raise ValueError("every example in this batch was dropped: no response token within max_length")
         T = max(len(r[0]) for r in rows)
+        if self.pad_to_multiple_of:
+            T = -(-T // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch = {
             "input_ids": torch.tensor([r[0] + [self.pad_token_id] * (T - len(r[0])) for r in rows]),
             "attention_mask": torch.tensor([[1] * len(r[0]) + [0] * (T - len(r[0])) for r in rows]),

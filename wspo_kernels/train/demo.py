@@ -140,7 +140,7 @@ def run(*, quick=False, gamma=0.25, out_dir="wspo_demo", seed=0, log=print):
     table = ["| model | preference margin (nats) | win rate |", "|---|---|---|"]
     table += [f"| {n} | {m:+.3f} | {w:.1%} |" for n, m, w in rows]
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    png = _plot(losses, os.path.join(out_dir, "wspo_loss.png"))
+    png = plot_losses(losses, os.path.join(out_dir, "wspo_loss.png"))
     log("\n".join(table))
     log(f"\nWSPO: gamma={gamma}, {n_wspo} steps; loss {losses[0][1]:.4f} -> {losses[-1][1]:.4f}"
         + (f"; curve: {png}" if png else ""))
@@ -196,7 +196,7 @@ def _probe_step(mode, quick):
     return _peak_step_mib(step) + weights  # resident frozen models count with their weights
 
 
-def _plot(losses, path):
+def plot_losses(losses, path):
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -34,6 +34,17 @@ def check_supported(model) -> None:
         raise ValueError(f"{type(inner).__name__} has no output embeddings (lm_head)")
 
 
+def disable_dropout_in(model) -> None:
+    """Dropout off everywhere: ``nn.Dropout`` modules (LoRA's included) and the float dropout rates that
+    attention implementations read at run time (``attention_dropout`` of Llama, Qwen2, ...)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if name.endswith("dropout") and isinstance(value, float):
+                setattr(module, name, 0.0)
+
+
 def _last_logits_kwarg(inner):
     params = inspect.signature(inner.forward).parameters
     for name in ("logits_to_keep", "num_logits_to_keep"):

@@ -9,8 +9,12 @@
   gradient-accumulation micro-batches and data-parallel ranks: each micro-batch passes the global count
   as ``normalizer`` (divided by the world size, which DDP's gradient averaging restores), and the
   trainer does not divide by the accumulation steps again.  Same gradients as one big batch.
+- Dropout is disabled in the policy and every frozen model (``disable_dropout=True``, as the official
+  trainer does): two evaluations of one batch give one loss.
 - Logged metrics: loss, mean Δs (strong log-ratio), mean Δw (weak log-ratio), the implicit reward
-  γ·Δs, mean policy logp, each over response tokens.
+  γ·Δs, mean policy logp, each over response tokens; and, under the official trainer's names and
+  definitions (per micro-batch means over the padded ``[B, T-1]`` grid, averaged over the logging
+  window), ``rewards/chosen`` = γ·logp and ``logps/chosen``.
 """
 from collections import defaultdict
 
@@ -20,7 +24,7 @@ from transformers import Trainer
 from .. import linear_wspo_loss
 from .._inputs import check_gamma
 from .data import IGNORE_INDEX, LOGPS_COLUMNS, WSPODataCollator
-from .model_io import check_supported, lm_head_inputs
+from .model_io import check_supported, disable_dropout_in, lm_head_inputs
 
 ROLES = ("ref", "weak_aligned", "weak_base")
 
@@ -32,7 +36,7 @@ def count_sequences(labels: torch.Tensor) -> int:
 
 class WSPOTrainer(Trainer):
     def __init__(self, model=None, args=None, *, gamma=0.1, ref_model=None, weak_aligned_model=None,
-                 weak_base_model=None, backend=None, data_collator=None, **kwargs):
+                 weak_base_model=None, backend=None, data_collator=None, disable_dropout=True, **kwargs):
         if args is not None:
             args.remove_unused_columns = False  # the precomputed logps columns must reach compute_loss
         if data_collator is None:
@@ -40,6 +44,7 @@ class WSPOTrainer(Trainer):
             pad = pad if pad is not None else getattr(getattr(model, "config", None), "pad_token_id", None)
             data_collator = WSPODataCollator(pad if pad is not None else 0)
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
+        self.args.remove_unused_columns = False  # also the default arguments Trainer made for args=None
         check_supported(model)
         self.gamma = check_gamma(gamma)
         self.backend = backend
@@ -49,6 +54,10 @@ class WSPOTrainer(Trainer):
                 check_supported(m)
                 m = m.to(self.args.device).eval().requires_grad_(False)
             self.frozen_models[role] = m
+        if disable_dropout:
+            for m in (model, *self.frozen_models.values()):
+                if m is not None:
+                    disable_dropout_in(m)
         self._num_sequences = None       # global sequence count of the current optimizer step
         self._metrics = {"train": defaultdict(float), "eval": defaultdict(float)}
 
@@ -60,6 +69,12 @@ class WSPOTrainer(Trainer):
             n = int(self.accelerator.gather(torch.tensor([n], device=self.args.device)).sum())
         self._num_sequences = n
         return batch_samples, num_items
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._num_sequences = None  # a later compute_loss outside training normalises by its own batch
 
     def _normalizer(self, model):
         if not model.training or self._num_sequences is None:
@@ -114,6 +129,8 @@ class WSPOTrainer(Trainer):
         store["delta_strong"] += out.strong_log_ratio.sum()   # the metrics are 0 on ignored tokens
         store["delta_weak"] += out.weak_log_ratio.sum()
         store["policy_logps"] += out.policy_logps.sum()
+        store["micro_batches"] += 1
+        store["grid_logps"] += out.policy_logps.mean() if out.policy_logps.numel() else out.loss.new_zeros(())
 
     def log(self, logs, *args, **kwargs):
         split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
@@ -126,4 +143,7 @@ class WSPOTrainer(Trainer):
             logs[f"{prefix}wspo/delta_weak"] = store["delta_weak"] / n
             logs[f"{prefix}wspo/implicit_reward"] = self.gamma * store["delta_strong"] / n
             logs[f"{prefix}wspo/policy_logps"] = store["policy_logps"] / n
+        if store.get("micro_batches", 0) > 0:  # the official trainer's names and definitions
+            logs[f"{prefix}logps/chosen"] = store["grid_logps"] / store["micro_batches"]
+            logs[f"{prefix}rewards/chosen"] = self.gamma * store["grid_logps"] / store["micro_batches"]
         return super().log(logs, *args, **kwargs)

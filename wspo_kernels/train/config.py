@@ -1,0 +1,298 @@
+"""The ``wspo-kernels train`` / ``precompute`` configuration, validated before anything is loaded.
+
+A config is a YAML file -- the official recipe's own (``examples/train_full/qwen2_full_wspo_ds3.yaml``,
+with ``dataset`` a local file) works unchanged -- plus ``key=value`` / ``--key value`` overrides on the
+command line.  Keys are the fields of ``WSPOArguments`` (models, data, method) and of transformers'
+``TrainingArguments``; ``transformers.HfArgumentParser`` parses them (types, choices, ``--help``).
+Defaults when a key is absent are the official recipe's (``RECIPE_DEFAULTS``), not Hugging Face's.
+
+Checked before any model or dataset is loaded: unknown keys (with the closest valid name), types,
+ranges, that the config, dataset and local model directories exist, and version differences of
+``TrainingArguments`` (``warmup_ratio`` is ``warmup_steps < 1`` in transformers 5).
+"""
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .data import TRUNCATIONS
+
+
+def _key(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class WSPOArguments:
+    """Models, data and method: the official recipe's names (aliases: ``ALIASES``)."""
+    model_name_or_path: Optional[str] = _key(None, "the strong model to train (local directory or Hub id); also "
+                                                   "the reference unless ref_model is set (alias: policy)")
+    ref_model: Optional[str] = _key(None, "strong reference; default: the policy's initial weights (alias: ref)")
+    weak_aligned_model: Optional[str] = _key(None, "the aligned weak model (alias: weak_aligned)")
+    weak_base_model: Optional[str] = _key(None, "the weak model before alignment (alias: weak_base)")
+    stage: str = _key("wspo", "the official recipe's stage; only 'wspo'", choices=["wspo"])
+    pref_beta: float = _key(0.1, "the paper's gamma, the weight of the strong log-ratio (alias: gamma)")
+    pref_loss: str = _key("sigmoid", "accepted for the official YAML; the WSPO loss does not use it",
+                          choices=["sigmoid"])
+    finetuning_type: str = _key("full", "full or lora (PEFT)", choices=["full", "lora"])
+    lora_rank: int = _key(8, "LoRA rank")
+    lora_alpha: Optional[int] = _key(None, "LoRA alpha; default 2 * lora_rank")
+    lora_dropout: float = _key(0.0, "LoRA dropout (disabled during training with disable_dropout)")
+    lora_target: str = _key("all", "comma-separated module names, or 'all' (every linear layer but the head)")
+    pure_bf16: bool = _key(False, "with bf16: keep the trainable parameters in bf16 (default: fp32, as the "
+                                  "official init_adapter does)")
+    disable_dropout: bool = _key(True, "dropout off in the policy and the frozen models (as the official trainer)")
+    dataset: Optional[str] = _key(None, "a local JSON / JSONL file or datasets directory: prompt/response, "
+                                        "prompt/chosen(/rejected), Alpaca instruction/input/output or chat messages")
+    template: str = _key("auto", "'plain': no chat template; anything else ('auto', or an official template "
+                                 "name such as 'qwen'): the tokenizer's own chat template when it has one")
+    cutoff_len: int = _key(4096, "maximum tokens per example (prompt + response); capped at the models' context")
+    truncation: str = _key("infer_seqlen", "infer_seqlen (official: keep the start of prompt and response, split "
+                                           "cutoff_len) or prompt_left (keep the end of the prompt)",
+                           choices=list(TRUNCATIONS))
+    max_samples: Optional[int] = _key(None, "use the first max_samples examples")
+    val_size: float = _key(0.0, "held-out evaluation split: a fraction in [0, 1) or a number of examples")
+    plot_loss: bool = _key(False, "save the training loss curve as training_loss.png in output_dir")
+    precompute: bool = _key(True, "run the frozen models once and train with none resident (the cache in "
+                                  "output_dir/precomputed is fingerprinted and reused)")
+    precompute_batch_size: int = _key(8, "batch size of the precompute pass")
+    backend: Optional[str] = _key(None, "loss backend (auto, torch, native, triton)")
+
+
+ALIASES = {"policy": "model_name_or_path", "ref": "ref_model", "weak_aligned": "weak_aligned_model",
+           "weak_base": "weak_base_model", "gamma": "pref_beta"}
+# Official-recipe keys that have no effect here (accepted so that its YAML runs unchanged).
+IGNORED = {"overwrite_cache": "the logps cache is fingerprinted instead",
+           "preprocessing_num_workers": "tokenisation runs in the main process",
+           "overwrite_output_dir": "output_dir is reused; resume with resume_from_checkpoint"}
+# warmup_ratio: a TrainingArguments field before transformers 5, a float warmup_steps < 1 since.
+WARMUP_RATIO = 0.1
+REQUIRED = ("model_name_or_path", "weak_aligned_model", "weak_base_model", "dataset", "output_dir")
+# The official recipe's values (examples/train_full/qwen2_full_wspo_ds3.yaml) for TrainingArguments.
+RECIPE_DEFAULTS = dict(per_device_train_batch_size=1, gradient_accumulation_steps=4, learning_rate=1e-5,
+                       num_train_epochs=1.0, lr_scheduler_type="cosine", bf16=True, logging_steps=10, save_steps=1000,
+                       eval_steps=1000, per_device_eval_batch_size=1, report_to="none")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message says which key and why."""
+
+
+@dataclass
+class Config:
+    wspo: WSPOArguments
+    training: "object"  # transformers.TrainingArguments
+    given: dict          # the keys the user set (after aliases)
+
+
+def _parser(prog="wspo-kernels train"):
+    from transformers import HfArgumentParser, TrainingArguments
+
+    class Parser(HfArgumentParser):
+        def error(self, message):  # a ConfigError instead of SystemExit, for library callers
+            raise ConfigError(message)
+
+    parser = Parser((WSPOArguments, TrainingArguments), prog=prog,
+                    usage=f"{prog} [CONFIG.yaml] [key=value | --key value ...]",
+                    description="Keys come from CONFIG.yaml, then from the command line; defaults are the "
+                                f"official WSPO recipe's. Also: --warmup_ratio (default {WARMUP_RATIO}; "
+                                "transformers >= 5 takes it as warmup_steps < 1); accepted and without effect: "
+                                + ", ".join(f"{k} ({why})" for k, why in IGNORED.items()) + ".")
+    defaults = dict(RECIPE_DEFAULTS, use_cpu=not _has_accelerator())  # bf16 on a CPU-only machine needs use_cpu
+    parser.set_defaults(**{k: v for k, v in defaults.items() if k in _training_fields()})
+    return parser
+
+
+def _has_accelerator():
+    import torch
+    return torch.cuda.is_available() or torch.backends.mps.is_available()
+
+
+def _training_fields():
+    from transformers import TrainingArguments
+    return {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def parse_overrides(argv):
+    """``key=value``, ``--key=value``, ``--key value`` and ``--flag`` (= true) -> {key: str}."""
+    out, i = {}, 0
+    while i < len(argv):
+        item = argv[i]
+        key, eq, value = item.lstrip("-").partition("=")
+        if not eq and item.startswith("--"):
+            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            value = argv[i + 1] if has_value else "true"
+            i += has_value
+        elif not eq:
+            raise ConfigError(f"unexpected argument {item!r}: overrides are key=value or --key value")
+        out[key.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def read_yaml(path):
+    import yaml
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r}: no such file")
+    with open(path) as f:
+        try:
+            config = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(config).__name__}")
+    return config
+
+
+def _normalise(raw: dict) -> dict:
+    """Aliases resolved, unknown and nested keys refused with the closest valid names."""
+    wspo_fields = {f.name for f in dataclasses.fields(WSPOArguments)}
+    training_fields = set(_training_fields())
+    known = wspo_fields | training_fields | {"warmup_ratio"}
+    out, origin = {}, {}
+    for key, value in raw.items():
+        name = ALIASES.get(key, key)
+        if isinstance(value, dict):
+            hints = [m for sub in value for m in difflib.get_close_matches(f"{key}_{sub}", known, n=1)]
+            raise ConfigError(f"key {key!r}: nested mappings are not keys here; keys are flat"
+                              + (f" (did you mean {', '.join(hints)}?)" if hints else ""))
+        if name in IGNORED and name not in training_fields:
+            continue
+        if name not in known:
+            close = difflib.get_close_matches(key, sorted(known | set(ALIASES)), n=1)
+            raise ConfigError(f"unknown key {key!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                              + " (`wspo-kernels train --help` lists every key)")
+        if name in out:
+            raise ConfigError(f"{origin[name]!r} and {key!r} are the same key: give one")
+        out[name], origin[name] = value, key
+    return out
+
+
+def _as_argv(values: dict, parser) -> list:
+    actions = {a.dest: a for a in parser._actions}
+    argv = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = str(value).lower()
+        if isinstance(value, (list, tuple)):
+            items = [str(v) for v in value]
+            argv += [f"--{key}"] + (items if actions[key].nargs in ("+", "*") else [",".join(items)])
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def _check_ranges(w: WSPOArguments, t):
+    from .._inputs import check_gamma
+    try:
+        check_gamma(w.pref_beta)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"pref_beta: {e}") from None
+    checks = [
+        (w.cutoff_len >= 2, "cutoff_len must be >= 2 (a prompt token and a response token)"),
+        (w.max_samples is None or w.max_samples >= 1, "max_samples must be >= 1"),
+        (w.val_size >= 0 and (w.val_size < 1 or float(w.val_size).is_integer()),
+         "val_size must be a fraction in [0, 1) or a whole number of examples"),
+        (w.lora_rank >= 1, "lora_rank must be >= 1"),
+        (w.lora_alpha is None or w.lora_alpha > 0, "lora_alpha must be > 0"),
+        (0 <= w.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
+        (w.precompute_batch_size >= 1, "precompute_batch_size must be >= 1"),
+        (t.learning_rate > 0, "learning_rate must be > 0"),
+        (t.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1"),
+        (t.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
+        (t.num_train_epochs > 0 or t.max_steps > 0, "num_train_epochs or max_steps must be > 0"),
+        (str(t.eval_strategy).split(".")[-1].lower() == "no" or w.val_size > 0,
+         "eval_strategy needs an evaluation split: set val_size > 0"),
+        (not (w.pure_bf16 and not t.bf16), "pure_bf16 needs bf16: true"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if t.resume_from_checkpoint is True:
+        from transformers.trainer_utils import get_last_checkpoint
+        if not os.path.isdir(t.output_dir) or get_last_checkpoint(t.output_dir) is None:
+            raise ConfigError(f"resume_from_checkpoint: no checkpoint-* directory in {t.output_dir!r} to resume from")
+    elif t.resume_from_checkpoint and not os.path.isdir(t.resume_from_checkpoint):
+        raise ConfigError(f"resume_from_checkpoint: {t.resume_from_checkpoint!r} is not a directory")
+
+
+def _check_deepspeed(value):
+    import importlib.util
+    if not value:
+        return
+    if isinstance(value, str) and not os.path.isfile(value):
+        raise ConfigError(f"deepspeed: config file {value!r} not found (deepspeed= runs without DeepSpeed)")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("deepspeed is set but DeepSpeed is not installed (pip install deepspeed; deepspeed= runs "
+                          "without it)")
+
+
+def check_model_source(key: str, name: str) -> None:
+    """A local directory with a config.json, or a Hub id; a path that cannot be either fails at once
+    (not after the Hub's connection retries)."""
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise ConfigError(f"{key}: {name!r} is a directory without a config.json (not a saved model)")
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        validate_repo_id(name)
+        parent = os.path.dirname(name)
+        hub_id = not (parent and os.path.isdir(parent))  # 'out/polcy' next to a local 'out/' is a path
+    except HFValidationError:
+        hub_id = False
+    if not hub_id:
+        parent = os.path.dirname(os.path.abspath(name))
+        close = difflib.get_close_matches(os.path.basename(name), os.listdir(parent), n=1) if os.path.isdir(parent) else []
+        raise ConfigError(f"{key}: no such model directory {name!r}"
+                          + (f"; did you mean {os.path.join(os.path.dirname(name), close[0])!r}?" if close else ""))
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        from huggingface_hub import try_to_load_from_cache
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            raise ConfigError(f"{key}: {name!r} is not a local directory and not in the Hub cache (HF_HUB_OFFLINE is set)")
+
+
+def parse_config(argv, *, prog="wspo-kernels train") -> Config:
+    """``[CONFIG.yaml] [overrides...]`` -> a validated ``Config``; raises ``ConfigError``."""
+    argv = list(argv)
+    raw = read_yaml(argv.pop(0)) if argv and not argv[0].startswith("-") and "=" not in argv[0] else {}
+    given = {**_normalise(raw), **_normalise(parse_overrides(argv))}  # the command line wins
+    missing = [k for k in REQUIRED if given.get(k) in (None, "")]
+    if missing:
+        raise ConfigError(f"missing {', '.join(missing)} (in the YAML or as key=value)")
+    values = dict(given)
+    if "warmup_ratio" in given and "warmup_steps" in given:
+        raise ConfigError("give warmup_ratio or warmup_steps, not both")
+    ratio = values.pop("warmup_ratio", None if "warmup_steps" in given else WARMUP_RATIO)
+    if ratio is not None:
+        if not 0 <= float(ratio) < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {ratio}")
+        values["warmup_ratio" if "warmup_ratio" in _training_fields() else "warmup_steps"] = float(ratio)
+    _check_deepspeed(values.get("deepspeed"))  # before TrainingArguments, which imports it
+    parser = _parser(prog)
+    try:
+        w, t = parser.parse_args_into_dataclasses(args=_as_argv(values, parser))
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, ImportError) as e:  # TrainingArguments' own checks
+        raise ConfigError(str(e)) from None
+    if isinstance(t.resume_from_checkpoint, str) and t.resume_from_checkpoint.lower() in ("true", "false"):
+        t.resume_from_checkpoint = True if t.resume_from_checkpoint.lower() == "true" else None  # the latest
+    _check_ranges(w, t)
+    for key in ("model_name_or_path", "ref_model", "weak_aligned_model", "weak_base_model"):
+        if getattr(w, key):
+            check_model_source(key, getattr(w, key))
+    if not os.path.exists(w.dataset):
+        raise ConfigError(f"dataset: {w.dataset!r} is not a local file or directory (a JSON / JSONL file or a "
+                          "datasets directory; the official recipe's dataset names refer to LLaMA-Factory's "
+                          "dataset_info.json: pass the file instead)")
+    return Config(w, t, given)
+
+
+def format_help(prog="wspo-kernels train") -> str:
+    return _parser(prog).format_help()
