@@ -245,3 +245,10 @@ def test_demo_runs_end_to_end(tmp_path):
     assert all(math.isfinite(m) for _, m, _ in result["rows"])
     assert os.path.exists(tmp_path / "demo" / "wspo_loss.png")
     assert result["losses"][-1][1] < result["losses"][0][1]
+
+
+def test_rows_longer_than_the_context_are_refused(tmp_path):
+    trainer = WSPOTrainer(tiny(0), args(tmp_path), **frozen_models())  # 64 positions
+    batch = WSPODataCollator(0)([build_example(list(range(1, 40)), list(range(1, 40)))])
+    with pytest.raises(ValueError, match="takes 64 positions, the batch has 78"):
+        trainer.compute_loss(trainer.model.train(), batch)

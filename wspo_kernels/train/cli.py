@@ -21,6 +21,7 @@ import torch
 from .config import ConfigError, format_help, parse_config  # noqa: F401  (re-exported for the CLI)
 from .data import IGNORE_INDEX, WSPODataCollator, build_example, encode_prompt_response
 from .formats import prompt_response, read_records
+from .model_io import context_limit
 
 ROLE_KEYS = {"ref": "ref_model", "weak_aligned": "weak_aligned_model", "weak_base": "weak_base_model"}
 SAMPLE_BYTES = 1 << 20  # bytes hashed at the start, middle and end of each checkpoint file
@@ -52,12 +53,7 @@ def _sources(w):
 
 def _context_limit(name):
     from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(_local(name))
-    limit = getattr(config, "max_position_embeddings", None)
-    scaling = getattr(config, "rope_scaling", None) or {}
-    if limit and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        limit = int(limit * scaling.get("factor", 1))
-    return limit
+    return context_limit(AutoConfig.from_pretrained(_local(name)))
 
 
 def effective_cutoff(w):

@@ -34,6 +34,16 @@ def check_supported(model) -> None:
         raise ValueError(f"{type(inner).__name__} has no output embeddings (lm_head)")
 
 
+def context_limit(config):
+    """Positions a model takes: ``max_position_embeddings`` (times the RoPE scaling factor when scaled);
+    None when the config does not say."""
+    limit = getattr(config, "max_position_embeddings", None)
+    scaling = getattr(config, "rope_scaling", None) or {}
+    if limit and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+        limit = int(limit * scaling.get("factor", 1))
+    return limit
+
+
 def disable_dropout_in(model) -> None:
     """Dropout off everywhere: ``nn.Dropout`` modules (LoRA's included) and the float dropout rates that
     attention implementations read at run time (``attention_dropout`` of Llama, Qwen2, ...)."""
@@ -57,6 +67,10 @@ def lm_head_inputs(model, input_ids, attention_mask=None):
     """(hidden [B, T, H], lm_head weight [V, H], bias [V] or None) for ``linear_*`` losses."""
     check_supported(model)
     inner = _unwrap(model)
+    limit = context_limit(inner.config)
+    if limit and input_ids.shape[-1] > limit:
+        raise ValueError(f"{type(inner).__name__} takes {limit} positions, the batch has {input_ids.shape[-1]}: "
+                         "truncate the rows (cutoff_len) first")
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False,
                 **_last_logits_kwarg(inner))
     head = inner.get_output_embeddings()
