@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import ops
+from . import ops, vocab_parallel
 from ._inputs import (acc_dtype, check_flag, check_float, check_gamma, check_labels_range, check_normalizer,
                       check_reduction, check_same_device, make_layout, rows_of, writable_in_place)
 from .dispatch import check_choice
@@ -51,17 +51,21 @@ def _linear_rows(hidden, weight, bias, layout, name):
     return hidden.reshape(-1, hidden.shape[-1])
 
 
-def _frozen(x, layout, name, backend):
+def _frozen(x, layout, name, backend, vocab_group=None):
     """A frozen model's input as ('logits', [N, V] rows, name) or ('logps', [N] float, name)."""
     if isinstance(x, (tuple, list)):
         if len(x) not in (2, 3):
             raise ValueError(f"{name} as a tuple must be (hidden, weight) or (hidden, weight, bias)")
         hidden, weight, bias = (*x, None)[:3]
         h = _linear_rows(hidden, weight, bias, layout, name)
-        check_labels_range(layout.labels, layout.ignore_index, **{name: weight.shape[0]})  # names the model
+        bias = None if bias is None else bias.detach()
         with torch.no_grad():
-            return "logps", ops.linear_logprobs(h.detach(), weight.detach(), None if bias is None else bias.detach(),
-                                                layout.labels, layout.ignore_index, backend)[0], name
+            if vocab_group is not None:
+                return "logps", vocab_parallel.linear_logprobs(h.detach(), weight.detach(), bias, layout.labels,
+                                                               layout.ignore_index, backend, vocab_group, name), name
+            check_labels_range(layout.labels, layout.ignore_index, **{name: weight.shape[0]})  # names the model
+            return "logps", ops.linear_logprobs(h.detach(), weight.detach(), bias, layout.labels,
+                                                layout.ignore_index, backend)[0], name
     check_float(x, name)
     check_same_device(layout.labels, **{name: x})
     x = x.detach()
@@ -75,10 +79,13 @@ def _frozen(x, layout, name, backend):
     return "logps", layout.from_user(x, name), name
 
 
-def _logps_of(frozen, layout, backend):
+def _logps_of(frozen, layout, backend, vocab_group=None):
     kind, value, name = frozen
     if kind == "logps":
         return value
+    if vocab_group is not None:
+        with torch.no_grad():
+            return vocab_parallel.logprobs(value, layout.labels, layout.ignore_index, backend, vocab_group, name)
     # The one-pass and weak-pair ops check labels against each model by name; the generic logprobs op
     # only knows "logits", so name the model here.
     check_labels_range(layout.labels, layout.ignore_index, **{name: value.shape[-1]})
@@ -86,18 +93,18 @@ def _logps_of(frozen, layout, backend):
         return ops.logprobs(value, layout.labels, layout.ignore_index, backend)[0]
 
 
-def _frozen_all(ref, weak_aligned, weak_base, layout, backend):
-    return tuple(_frozen(x, layout, name, backend)
+def _frozen_all(ref, weak_aligned, weak_base, layout, backend, vocab_group=None):
+    return tuple(_frozen(x, layout, name, backend, vocab_group)
                  for x, name in ((ref, "ref"), (weak_aligned, "weak_aligned"), (weak_base, "weak_base")))
 
 
-def _frozen_terms_from(r, a, w, layout, backend):
+def _frozen_terms_from(r, a, w, layout, backend, vocab_group=None):
     """(l^ref [N], Δw [N]) from resolved frozen inputs; aligned and base logits are read in one pass."""
-    if a[0] == w[0] == "logits":
+    if a[0] == w[0] == "logits" and vocab_group is None:
         delta_w = ops.weak_log_ratio(a[1], w[1], layout.labels, layout.ignore_index, backend)
     else:
-        delta_w = _logps_of(a, layout, backend) - _logps_of(w, layout, backend)
-    return _logps_of(r, layout, backend), delta_w
+        delta_w = _logps_of(a, layout, backend, vocab_group) - _logps_of(w, layout, backend, vocab_group)
+    return _logps_of(r, layout, backend, vocab_group), delta_w
 
 
 def _policy_constant(gamma, lr, delta_w, layout, acc):
@@ -128,33 +135,51 @@ def _with_metrics(loss, logp, lr, delta_w, layout):
     return WSPOOutput(loss, layout.to_user(logp), layout.to_user(strong), layout.to_user(weak), layout.to_user(mask))
 
 
-def token_logprobs(logits, labels, *, ignore_index=-100, shift=False, cu_seqlens=None, backend=None):
+def token_logprobs(logits, labels, *, ignore_index=-100, shift=False, cu_seqlens=None, vocab_group=None,
+                   backend=None):
     """log softmax(logits)[label] per token, float32 (float64 for float64 logits), 0 where ignored.
 
     ``[B, T, V]`` logits with ``[B, T]`` labels give ``[B, T]`` (``[B, T-1]`` with ``shift=True``:
     logits at t score label t+1).  Differentiable w.r.t. ``logits`` (the backward recomputes the
-    softmax from the saved log-sum-exp; no probabilities are stored).
+    softmax from the saved log-sum-exp; no probabilities are stored).  ``vocab_group``: a process group
+    across which the vocabulary is sharded (``logits`` is this rank's shard; see ``vocab_parallel``).
     """
     check_choice(backend)
     layout = make_layout(labels, shift=shift, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
     rows = rows_of(logits, layout, "logits")
-    return layout.to_user(ops.logprobs(rows, layout.labels, layout.ignore_index, backend or "")[0])
+    return layout.to_user(_policy_logps(rows, layout, backend or "", vocab_group, "logits"))
+
+
+def _policy_logps(rows, layout, backend, vocab_group, name):
+    if vocab_group is not None:
+        return vocab_parallel.logprobs(rows, layout.labels, layout.ignore_index, backend, vocab_group, name)
+    return ops.logprobs(rows, layout.labels, layout.ignore_index, backend)[0]
 
 
 def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, shift=False, cu_seqlens=None,
-                          backend=None):
+                          vocab_group=None, reduce_hidden_grad=True, backend=None):
     """token_logprobs of ``hidden @ weight.T + bias`` without materialising more than a chunk of logits.
 
-    Differentiable w.r.t. hidden, weight and bias (fp32 accumulation of the weight gradient).
+    Differentiable w.r.t. hidden, weight and bias (fp32 accumulation of the weight gradient).  With
+    ``vocab_group``, ``weight`` / ``bias`` are this rank's vocabulary shard and the gradient of the
+    replicated ``hidden`` is summed over the group (``reduce_hidden_grad=False``: the caller sums it).
     """
     check_choice(backend)
+    check_flag(reduce_hidden_grad, "reduce_hidden_grad")
     layout = make_layout(labels, shift=shift, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
     h = _linear_rows(hidden, weight, bias, layout, "linear_token_logprobs")
-    return layout.to_user(ops.linear_logprobs(h, weight, bias, layout.labels, layout.ignore_index, backend or "")[0])
+    return layout.to_user(_policy_linear_logps(h, weight, bias, layout, backend or "", vocab_group, reduce_hidden_grad))
+
+
+def _policy_linear_logps(h, weight, bias, layout, backend, vocab_group, reduce_hidden_grad):
+    if vocab_group is not None:
+        return vocab_parallel.linear_logprobs(h, weight, bias, layout.labels, layout.ignore_index, backend,
+                                              vocab_group, "lm_head", reduce_hidden_grad)
+    return ops.linear_logprobs(h, weight, bias, layout.labels, layout.ignore_index, backend)[0]
 
 
 def weak_log_ratio(aligned_logits, base_logits, labels, *, ignore_index=-100, shift=False, cu_seqlens=None,
-                   backend=None):
+                   vocab_group=None, backend=None):
     """Δw_t = l^aligned_t - l^base_t from both models' logits in one pass (vocab sizes may differ).
 
     The weak models are frozen: the result carries no gradient.
@@ -163,12 +188,16 @@ def weak_log_ratio(aligned_logits, base_logits, labels, *, ignore_index=-100, sh
     layout = make_layout(labels, shift=shift, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
     a = rows_of(aligned_logits, layout, "aligned_logits").detach()
     w = rows_of(base_logits, layout, "base_logits").detach()
+    if vocab_group is not None:
+        with torch.no_grad():
+            return layout.to_user(_policy_logps(a, layout, backend or "", vocab_group, "aligned_logits")
+                                  - _policy_logps(w, layout, backend or "", vocab_group, "base_logits"))
     return layout.to_user(ops.weak_log_ratio(a, w, layout.labels, layout.ignore_index, backend or ""))
 
 
 def wspo_loss(policy_logits, labels, *, ref, weak_aligned, weak_base, gamma=0.1, ignore_index=-100, shift=True,
               reduction="mean", normalizer=None, cu_seqlens=None, return_metrics=False, inplace_grad=False,
-              backend=None):
+              vocab_group=None, backend=None):
     """The WSPO loss (DESIGN.md section 1) from the policy's logits; gradient w.r.t. the policy only.
 
     When ``ref``, ``weak_aligned`` and ``weak_base`` are all logits, one fused pass reads the four
@@ -186,9 +215,16 @@ def wspo_loss(policy_logits, labels, *, ref, weak_aligned, weak_base, gamma=0.1,
     ``reduction="none"`` the per-sequence upstream gradient scales the written gradient afterwards
     (bf16/fp16: rounded twice, up to one ulp).  Eager mode only: under torch.compile the regular path
     runs, with the same values.
+
+    ``vocab_group``: the vocabulary is sharded across this process group; ``policy_logits`` and any
+    frozen logits / lm_heads are this rank's shards (frozen logps are replicated).  The gradient is then
+    computed in the backward pass (after the per-row statistics are combined); not with ``inplace_grad``.
     """
     check_flag(return_metrics, "return_metrics")
     check_flag(inplace_grad, "inplace_grad")
+    if inplace_grad and vocab_group is not None:
+        raise ValueError("inplace_grad=True is not supported with vocab_group (the gradient needs the whole row's "
+                         "statistics, known only after the all-reduce)")
     gamma, normalizer, layout = _prepare(labels, gamma, ignore_index, shift, reduction, normalizer, cu_seqlens,
                                          backend)
     policy = rows_of(policy_logits, layout, "policy_logits")
@@ -200,16 +236,16 @@ def wspo_loss(policy_logits, labels, *, ref, weak_aligned, weak_base, gamma=0.1,
     # Per-sequence losses get per-sequence upstream gradients: a gradient written in the forward pass
     # would be scaled, and in bf16/fp16 rounded, a second time.  So "none" backprops through the
     # policy's logps (one rounding), unless the gradient has to be written in place.
-    grad_in_forward = reduction != "none" or in_place or not compute_grad
-    r, a, w = _frozen_all(ref, weak_aligned, weak_base, layout, backend)
+    grad_in_forward = vocab_group is None and (reduction != "none" or in_place or not compute_grad)
+    r, a, w = _frozen_all(ref, weak_aligned, weak_base, layout, backend, vocab_group)
     one_pass = grad_in_forward and r[0] == a[0] == w[0] == "logits"
     if one_pass:
         lr = delta_w = None  # come out of the kernel
     else:
-        lr, delta_w = _frozen_terms_from(r, a, w, layout, backend)
+        lr, delta_w = _frozen_terms_from(r, a, w, layout, backend, vocab_group)
         k = _policy_constant(gamma, lr, delta_w, layout, acc)
     if not grad_in_forward:
-        out = ops.logprobs(policy, layout.labels, layout.ignore_index, backend)[0]
+        out = _policy_logps(policy, layout, backend, vocab_group, "policy_logits")
         d = gamma * out - k
         loss_t = w_t * d * d
     elif in_place:
@@ -235,24 +271,28 @@ def wspo_loss(policy_logits, labels, *, ref, weak_aligned, weak_base, gamma=0.1,
 
 def linear_wspo_loss(policy_hidden, lm_head_weight, labels, *, ref, weak_aligned, weak_base, gamma=0.1, bias=None,
                      ignore_index=-100, shift=True, reduction="mean", normalizer=None, cu_seqlens=None,
-                     return_metrics=False, backend=None):
+                     return_metrics=False, vocab_group=None, reduce_hidden_grad=True, backend=None):
     """The WSPO loss from the policy's final hidden states and lm_head, never materialising the logits.
 
     Gradients w.r.t. ``policy_hidden``, ``lm_head_weight`` and ``bias`` (fp32 accumulation).  For
     "mean"/"sum" the gradient is written during the forward pass; "none" recomputes in the backward.
+    ``vocab_group``: ``lm_head_weight`` / ``bias`` (and frozen lm_heads) are this rank's vocabulary
+    shards; the gradient of the replicated hidden states is summed over the group unless
+    ``reduce_hidden_grad=False`` (a framework that reduces it itself, as Megatron's tensor-parallel regions).
     """
     check_flag(return_metrics, "return_metrics")
+    check_flag(reduce_hidden_grad, "reduce_hidden_grad")
     gamma, normalizer, layout = _prepare(labels, gamma, ignore_index, shift, reduction, normalizer, cu_seqlens,
                                          backend)
     h = _linear_rows(policy_hidden, lm_head_weight, bias, layout, "policy")
     backend = backend or ""
     acc = acc_dtype(h)
     w_t = layout.token_weights(reduction, normalizer, acc)
-    r, a, w = _frozen_all(ref, weak_aligned, weak_base, layout, backend)
-    lr, delta_w = _frozen_terms_from(r, a, w, layout, backend)
+    r, a, w = _frozen_all(ref, weak_aligned, weak_base, layout, backend, vocab_group)
+    lr, delta_w = _frozen_terms_from(r, a, w, layout, backend, vocab_group)
     k = _policy_constant(gamma, lr, delta_w, layout, acc)
-    if reduction == "none":  # per-sequence upstream gradients: backprop through the logps instead
-        logp = ops.linear_logprobs(h, lm_head_weight, bias, layout.labels, layout.ignore_index, backend)[0]
+    if reduction == "none" or vocab_group is not None:  # backprop through the logps
+        logp = _policy_linear_logps(h, lm_head_weight, bias, layout, backend, vocab_group, reduce_hidden_grad)
         d = gamma * logp - k
         loss = _reduce(w_t * d * d, layout, reduction)
     else:

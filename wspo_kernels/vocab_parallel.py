@@ -1,0 +1,171 @@
+"""Vocab-parallel label log-probs: each rank of ``vocab_group`` holds a contiguous shard of the vocabulary.
+
+Rank r holds ids ``[offset_r, offset_r + V_r)`` (shards in rank order; sizes may differ) of a model's
+logits ``[..., V_r]`` or of its lm_head ``weight [V_r, H]`` / ``bias [V_r]``; labels are global ids and
+the same on every rank.  Per row, each rank runs the backend's own statistics kernel on its shard, then
+two all-reduces of a few floats per row (never a vocabulary-sized tensor) combine them:
+
+    M   = max_r m_r
+    R   = sum_r R_r exp(m_r - M),  R_r = the shard's sum of exp(z - m_r) over every column but the label's
+          (``r`` of the backend's statistics on the owner of the label; ``s``, the whole sum, elsewhere)
+    z_y = the owner's label logit (a sum in which every other rank adds 0)
+    S   = R + exp(z_y - M);   logp = log1p(-R / S) if R / S < 1/2 else (z_y - M) - log S
+
+which keeps the single-process kernels' accuracy (the label's term stays out of R, so 1 - p_y = R/S).
+The gradient sweep is the backend's own backward on the shard with the global (M, S, R'): every
+column gets -c exp(z_j - M) / S and the label column c R'/S.  The owner passes R' = R (so c (1 - p_y)).
+A rank that does not own the label names column 0 of its shard as the label with R' = -exp(z_0 - M),
+so that entry is -c p_0, exactly the softmax gradient: no kernel knows about the sharding.
+
+For the linear form the gradient of the (replicated) hidden states is the sum over shards; it is
+all-reduced here unless the caller's framework reduces it itself (``reduce_hidden_grad=False``, as in
+Megatron's column-parallel region).  Before any data-dependent collective, one all-gather of a few
+integers per rank (shard size, dtype, row count, a label checksum) gives every rank the same view,
+so a bad input (labels outside the global vocabulary, labels or dtypes that differ between ranks,
+an empty shard) raises the same error on every rank instead of hanging some of them.
+"""
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from . import ops
+from ._inputs import acc_dtype, check_labels_range
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class Shard(NamedTuple):
+    offset: int     # first global id this rank holds
+    vocab: int      # global vocabulary size (sum of the shard sizes)
+
+
+def _checksum(labels):
+    pos = torch.arange(1, labels.numel() + 1, device=labels.device, dtype=torch.int64)
+    return (labels.reshape(-1).to(torch.int64) * pos).sum()
+
+
+def shard_of(group, v_local: int, dtype: torch.dtype, labels: torch.Tensor, ignore_index: int, name: str) -> Shard:
+    """This rank's place in the global vocabulary, checked identically on every rank (one small all-gather)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"{name}: vocab_group needs torch.distributed to be initialised (init_process_group)")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    mine = torch.stack([torch.tensor(v_local, device=labels.device), torch.tensor(_DTYPES.index(dtype), device=labels.device),
+                        torch.tensor(labels.numel(), device=labels.device), _checksum(labels)]).to(torch.int64)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine, group=group)
+    sizes, dtypes, counts, sums = zip(*(t.tolist() for t in every))
+    if len(set(dtypes)) > 1:
+        raise ValueError(f"{name}: vocab_group shards have different dtypes across ranks: "
+                         + ", ".join(f"rank {i} {_DTYPES[d]}" for i, d in enumerate(dtypes)))
+    if len(set(counts)) > 1 or len(set(sums)) > 1:
+        raise ValueError(f"{name}: labels differ between the ranks of vocab_group (they must be the same global "
+                         f"ids on every rank); label counts per rank: {list(counts)}")
+    if min(sizes) < 1:
+        raise ValueError(f"{name}: every rank of vocab_group needs at least one vocabulary column; shard sizes "
+                         f"{list(sizes)}")
+    vocab = sum(sizes)
+    check_labels_range(labels, ignore_index, **{f"{name} (sharded over vocab_group, shards {list(sizes)})": vocab})
+    return Shard(offset=sum(sizes[:rank]), vocab=vocab)
+
+
+def _local_labels(labels, ignore_index, offset, v_local):
+    """(labels within the shard, owned): a row whose label lives elsewhere names column 0."""
+    local = labels - offset
+    valid = labels != ignore_index
+    owned = valid & (local >= 0) & (local < v_local)
+    lab = torch.where(owned, local, torch.where(valid, torch.zeros_like(local), labels))
+    return lab, owned, valid
+
+
+def _combine(stats, z, owned, valid, group):
+    """Global (logp, backward statistics) from this shard's (m, s, r) and its logit at the local label."""
+    m, s, r = stats.unbind(0)
+    big_m = m.clone()
+    dist.all_reduce(big_m, op=dist.ReduceOp.MAX, group=group)
+    zero = torch.zeros_like(m)
+    sums = torch.stack([torch.where(owned, r, s) * torch.exp(m - big_m), torch.where(owned, z, zero)])
+    dist.all_reduce(sums, group=group)
+    rest, z_y = sums.unbind(0)
+    total = rest + torch.exp(z_y - big_m)
+    q = rest / total
+    logp = torch.where(q < 0.5, torch.log1p(-q), (z_y - big_m) - torch.log(total))
+    logp = torch.where(valid, logp, zero)
+    label_term = torch.where(owned, rest, -torch.exp(z - big_m))  # see the module docstring
+    ones = torch.ones_like(m)
+    backward_stats = torch.stack([torch.where(valid, big_m, zero), torch.where(valid, total, ones),
+                                  torch.where(valid, label_term, zero)])
+    return logp, backward_stats
+
+
+def _logit_at(rows, index):
+    """rows[i, index[i]] of a [N, V] or [B, T, V] kernel operand."""
+    i = torch.arange(index.shape[0], device=index.device)
+    if rows.dim() == 3:
+        return rows[i // rows.shape[1], i % rows.shape[1], index]
+    return rows[i, index]
+
+
+class LogProbs(torch.autograd.Function):
+    """Label log-probs of vocab-sharded logits rows; gradient w.r.t. this rank's shard."""
+
+    @staticmethod
+    def forward(ctx, rows, labels, ignore_index, backend, group, shard):
+        lab, owned, valid = _local_labels(labels, ignore_index, shard.offset, rows.shape[-1])
+        stats = ops.logprobs(rows, lab, ignore_index, backend)[1]
+        z = _logit_at(rows, lab.clamp_min(0)).to(stats.dtype)
+        logp, backward_stats = _combine(stats, z, owned, valid, group)
+        ctx.save_for_backward(rows, lab, backward_stats)
+        ctx.ignore_index, ctx.backend = ignore_index, backend
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        rows, lab, stats = ctx.saved_tensors
+        grad = ops.logprobs_backward(grad_logp.contiguous(), rows, lab, stats, ctx.ignore_index, ctx.backend)
+        return grad, None, None, None, None, None
+
+
+class LinearLogProbs(torch.autograd.Function):
+    """Label log-probs of ``hidden @ weight_shard.T + bias_shard``; gradients w.r.t. hidden (summed over the
+    shards unless ``reduce_hidden_grad=False``), this rank's weight and bias shards."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, backend, group, shard, reduce_hidden_grad):
+        lab, owned, valid = _local_labels(labels, ignore_index, shard.offset, weight.shape[0])
+        stats = ops.linear_logprobs(hidden, weight, bias, lab, ignore_index, backend)[1]
+        acc = acc_dtype(hidden, weight)
+        idx = lab.clamp_min(0)
+        z = (hidden.to(acc) * weight[idx].to(acc)).sum(-1)  # the label's logit (N x H: one row per token)
+        if bias is not None:
+            z = z + bias[idx].to(acc)
+        logp, backward_stats = _combine(stats.to(acc), z, owned, valid, group)
+        ctx.save_for_backward(hidden, weight, bias, lab, backward_stats)
+        ctx.ignore_index, ctx.backend, ctx.group, ctx.reduce = ignore_index, backend, group, reduce_hidden_grad
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        hidden, weight, bias, lab, stats = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        # Each shard's share of dh in the accumulation dtype (the kernels compute it there anyway), so the
+        # sum over the group rounds a bf16 / fp16 gradient once, as one process does.
+        h = hidden.to(stats.dtype) if need[0] and ctx.reduce else hidden
+        dh, dw, db = ops.linear_logprobs_backward(grad_logp.contiguous(), h, weight, bias, lab, stats,
+                                                  ctx.ignore_index, need[0], need[1] or need[2], ctx.backend)
+        if need[0] and ctx.reduce:
+            dist.all_reduce(dh, group=ctx.group)
+            dh = dh.to(hidden.dtype)
+        return (dh if need[0] else None, dw if need[1] else None, db if need[2] else None) + (None,) * 6
+
+
+def logprobs(rows, labels, ignore_index, backend, group, name):
+    shard = shard_of(group, rows.shape[-1], rows.dtype, labels, ignore_index, name)
+    return LogProbs.apply(rows, labels, ignore_index, backend, group, shard)
+
+
+def linear_logprobs(hidden, weight, bias, labels, ignore_index, backend, group, name, reduce_hidden_grad=True):
+    if bias is not None and bias.dtype != weight.dtype:
+        raise ValueError(f"{name}: bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
+    shard = shard_of(group, weight.shape[0], weight.dtype, labels, ignore_index, name)
+    return LinearLogProbs.apply(hidden, weight, bias, labels, ignore_index, backend, group, shard, reduce_hidden_grad)
