@@ -200,16 +200,19 @@ def test_mistyped_local_model_path_fails_at_once(tmp_path, ckpt):
 # ---------------------------------------------------------------- 5. the data formats users have
 def test_row_formats():
     chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-    assert prompt_response({"prompt": "q", "response": "a"}) == ("q", "a")
-    assert prompt_response({"prompt": "q", "chosen": "a", "rejected": "b"}) == ("q", "a")
-    assert prompt_response({"instruction": "q", "chosen": "a", "rejected": "b"}) == ("q", "a")
-    assert prompt_response({"instruction": "q", "input": "x", "output": "a"}) == ("q\nx", "a")
-    assert prompt_response({"messages": chat}) == ([chat[0]], "a")
-    assert prompt_response({"prompt": "q", "chosen": chat, "rejected": chat}) == ([chat[0]], "a")
+    assert prompt_response({"prompt": "q", "response": "a"}) == ("q", "a", None)
+    assert prompt_response({"prompt": "q", "chosen": "a", "rejected": "b"}) == ("q", "a", "b")
+    assert prompt_response({"instruction": "q", "chosen": "a", "rejected": "b"}) == ("q", "a", "b")
+    assert prompt_response({"instruction": "q", "input": "x", "output": "a"}) == ("q\nx", "a", None)
+    assert prompt_response({"messages": chat}) == ([chat[0]], "a", None)
+    reject = [chat[0], {"role": "assistant", "content": "b"}]
+    assert prompt_response({"prompt": "q", "chosen": chat, "rejected": reject}) == ([chat[0]], "a", "b")
+    trl = {"prompt": [chat[0]], "chosen": [chat[1]], "rejected": [{"role": "assistant", "content": "b"}]}
+    assert prompt_response(trl) == ([chat[0]], "a", "b")  # TRL's conversational preference rows
     assert prompt_response({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}) == \
-        ([{"role": "user", "content": "q"}], "a")
+        ([{"role": "user", "content": "q"}], "a", None)
     assert prompt_response({"prompt": "q", "response": "a", "system": "s"}) == \
-        ([{"role": "system", "content": "s"}, {"role": "user", "content": "q"}], "a")
+        ([{"role": "system", "content": "s"}, {"role": "user", "content": "q"}], "a", None)
     with pytest.raises(ValueError, match="row 0 has keys \\['question'\\]; expected one of the formats"):
         prompt_response({"question": "q"})
     with pytest.raises(ValueError, match="last message must be the assistant's"):
@@ -232,10 +235,11 @@ def test_file_formats(tmp_path):
 
 def test_chat_messages_go_through_the_tokenizer_chat_template(ckpt):
     tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt[0]["policy"])
+    # ChatML-like: the template renders a separator after the end-of-turn token, which is not trained on.
     tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }} {% if m['role'] == 'assistant' %}</s> "
-                               "{% endif %}{% endfor %}{% if add_generation_prompt %}w40 {% endif %}")
-    prompt, response = prompt_response({"messages": [{"role": "user", "content": "w1 w2"},
-                                                     {"role": "assistant", "content": "w3"}]})
+                               "w41 {% endif %}{% endfor %}{% if add_generation_prompt %}w40 {% endif %}")
+    prompt, response, _ = prompt_response({"messages": [{"role": "user", "content": "w1 w2"},
+                                                        {"role": "assistant", "content": "w3"}]})
     p_ids, r_ids = encode_prompt_response(tokenizer, prompt, response)
     tok = tokenizer.convert_tokens_to_ids
     assert p_ids == [tok("w1"), tok("w2"), tok("w40")] and r_ids == [tok("w3"), tok("</s>")]
@@ -257,6 +261,9 @@ def test_truncation_keeps_the_start_by_default_and_offers_prompt_left():
     assert build_example(prompt, response, max_length=8)["input_ids"] == [1, 2, 3, 4, 5, 20, 21, 22]
     assert build_example(prompt, response, max_length=8, truncation="prompt_left")["input_ids"] == \
         [6, 7, 8, 9, 10, 20, 21, 22]
+    # A preference pair: the official rule budgets the longer response (rejected: 10 tokens, chosen: 3).
+    assert build_example(list(range(1, 8)), response, max_length=10, paired_len=10)["input_ids"] == \
+        [1, 2, 3, 4, 5, 20, 21, 22]
 
 
 def test_rows_are_cut_to_the_models_context_and_counted(tmp_path, ckpt, capsys):
@@ -303,11 +310,15 @@ def test_cache_is_reused_only_for_the_same_models_and_rows(tmp_path, monkeypatch
     third = cli.precompute_main([config, "cutoff_len=5"])  # other rows
     assert "made for a different dataset" in capsys.readouterr().out
     assert max(len(r) for r in third["input_ids"]) == 5
-    shard = tmp_path / "out" / "precomputed" / "shards" / "00000"
-    for f in shard.iterdir():
+    cache = tmp_path / "out" / "precomputed"
+    for f in (cache / "dataset").iterdir():  # a broken complete cache: recomputed
         if f.suffix == ".arrow":
             f.write_bytes(b"broken")
-    shutil.rmtree(tmp_path / "out" / "precomputed" / "dataset")
+    assert cli.precompute_main([config, "cutoff_len=5"])["weak_base_logps"] == third["weak_base_logps"]
+    shutil.rmtree(cache / "dataset")  # an interrupted run that left a broken shard behind
+    (cache / "shards" / "00000").mkdir(parents=True)
+    (cache / "shards" / "00000" / "data-00000-of-00001.arrow").write_bytes(b"broken")
+    capsys.readouterr()
     fourth = cli.precompute_main([config, "cutoff_len=5"])
     assert "does not load" in capsys.readouterr().out and fourth["weak_base_logps"] == third["weak_base_logps"]
 
@@ -357,3 +368,89 @@ def test_resume_prune_and_portable_adapters(tmp_path, ckpt, monkeypatch, capsys)
     monkeypatch.chdir(tmp_path.parent)
     peft = pytest.importorskip("peft")
     peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+
+
+# ---------------------------------------------------------------- review follow-ups
+def test_structured_values_flags_and_precedence(tmp_path, ckpt):
+    paths, data = ckpt
+    config = write_config(tmp_path / "c.yaml", paths, data, tmp_path / "out", "warmup_ratio: 0.2",
+                          "lr_scheduler_kwargs: {min_lr_rate: 0.1}", "report_to: []", "lora_target: [q_proj, v_proj]")
+    c = parse_config([config, "warmup_steps=5", "--no_precompute", "--no-disable-dropout"])
+    assert c.training.lr_scheduler_kwargs == {"min_lr_rate": 0.1} and c.training.report_to in ([], "none", ["none"])
+    assert c.training.warmup_steps == 5 and (c.wspo.precompute, c.wspo.disable_dropout) == (False, False)
+    assert c.wspo.lora_target == "q_proj,v_proj"
+    c = parse_config([config, "fp16=true"])  # the recipe's bf16 default gives way
+    assert (c.training.fp16, c.training.bf16) == (True, False)
+    with pytest.raises(ConfigError, match="warmup_ratio must be a number"):
+        parse_config([config, "warmup_ratio=abc"])
+    odd = tmp_path / "lr=1e-5"
+    odd.mkdir()
+    shutil.copy(config, odd / "c.yaml")
+    assert parse_config([str(odd / "c.yaml")]).training.max_steps == 2  # a config path with '=' in it
+
+
+def test_hub_ids_are_checked_with_one_request(tmp_path, ckpt, monkeypatch):
+    paths, data = ckpt
+    config = write_config(tmp_path / "c.yaml", dict(paths, weak_base="wspo-kernels-test/no-such-model-xyz"), data,
+                          tmp_path / "out")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="not in the Hub cache \\(HF_HUB_OFFLINE is set\\)"):
+        parse_config([config])
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.raises(ConfigError, match="no-such-model-xyz.*(nor a model on the Hugging Face Hub|cannot be reached)"):
+        parse_config([config])
+
+
+def test_context_not_a_multiple_of_eight(tmp_path):
+    paths, _ = save_tiny_checkpoints(tmp_path, max_position_embeddings=60)
+    data = tmp_path / "long.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": words(5), "response": words(n)}) for n in (80, 3, 70, 2)))
+    config = write_config(tmp_path / "c.yaml", paths, data, tmp_path / "out", "cutoff_len: 4096")
+    trainer = cli.train_main([config])  # rows cut to 60, padded to a multiple of 8 only up to 60
+    assert trainer.state.global_step == 2
+
+
+def test_data_errors_and_small_datasets_fail_before_loading(tmp_path, ckpt, capsys):
+    paths, _ = ckpt
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "w1"}) + "\n")
+    assert wspo_main(["train", write_config(tmp_path / "c.yaml", paths, bad, tmp_path / "out")]) == 2
+    assert "row 0 has keys ['question']" in capsys.readouterr().err
+    two = tmp_path / "two.jsonl"
+    two.write_text("\n".join(json.dumps({"prompt": words(2), "response": words(2)}) for _ in range(2)))
+    with pytest.raises(ConfigError, match="val_size 2.0 leaves no training example of 2"):
+        cli.precompute_main([write_config(tmp_path / "c.yaml", paths, two, tmp_path / "out", "val_size: 2")])
+
+
+def test_do_eval_runs_a_final_evaluation(tmp_path, ckpt):
+    paths, data = ckpt
+    config = write_config(tmp_path / "c.yaml", paths, data, tmp_path / "out", "val_size: 0.25", "do_eval: true")
+    cli.train_main([config])
+    with open(tmp_path / "out" / "eval_results.json") as f:
+        assert "eval_loss" in json.load(f)
+
+
+def test_cache_notices_a_change_anywhere_in_a_weight_file(tmp_path, capsys):
+    paths, data = save_tiny_checkpoints(tmp_path)
+    config = write_config(tmp_path / "c.yaml", paths, data, tmp_path / "out")
+    first = cli.precompute_main([config])
+    model = transformers.AutoModelForCausalLM.from_pretrained(paths["weak_base"])
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.mul_(1.5)  # one tensor in the middle of the file
+    model.save_pretrained(paths["weak_base"])
+    second = cli.precompute_main([config])
+    assert "made for a different weak_base model" in capsys.readouterr().out
+    assert second["weak_base_logps"] != first["weak_base_logps"]
+
+
+def test_log_window_without_response_tokens(tmp_path):
+    from wspo_kernels.train import WSPOTrainer
+    from wspo_kernels.train.data import WSPODataCollator
+    from transformers import TrainingArguments
+    policy = tiny(0)
+    trainer = WSPOTrainer(policy, TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True),
+                          ref_model=tiny(1), weak_aligned_model=tiny(2), weak_base_model=tiny(3))
+    trainer.compute_loss(policy.train(), WSPODataCollator(0)([{"input_ids": [1, 2, 3], "labels": [-100] * 3}]))
+    logs = {"loss": 0.0}
+    trainer.log(logs)
+    assert logs["logps/chosen"] == 0.0 and "wspo/delta_strong" not in logs

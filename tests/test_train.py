@@ -119,7 +119,7 @@ def test_precompute_round_trip_and_resume(tmp_path, monkeypatch):
     first = precompute_logps(ds, **frozen, batch_size=3, shard_size=4, output_dir=str(out_dir), progress=False)
     loaded = datasets.load_from_disk(str(out_dir / "dataset"))
     for c in LOGPS_COLUMNS.values():
-        assert loaded[c] == first[c]
+        assert loaded[c] == first[c] and loaded.features[c].feature.dtype == "float32"
     # Values: the model's own log_softmax at the label, per position of labels[1:].
     row = first[7]
     ids = torch.tensor([row["input_ids"]])
@@ -127,15 +127,28 @@ def test_precompute_round_trip_and_resume(tmp_path, monkeypatch):
     labels = torch.tensor(row["labels"][1:])
     want = torch.where(labels != -100, logp.gather(-1, labels.clamp_min(0)[:, None])[:, 0], torch.zeros(()))
     torch.testing.assert_close(torch.tensor(row["ref_logps"], dtype=torch.float64), want, rtol=1e-5, atol=1e-5)
-    # Resume: only the missing shard is computed again.
-    shutil.rmtree(out_dir / "shards" / "00002")
+    # A complete cache is reused as it is; an interrupted run resumes at its first missing shard.
     calls = []
     real = precompute_mod._shard_logps
+
+    def interrupted(*a):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a)
+    monkeypatch.setattr(precompute_mod, "_shard_logps", interrupted)
+    assert precompute_logps(ds, **frozen, batch_size=3, shard_size=4, output_dir=str(out_dir), progress=False)[
+        "ref_logps"] == first["ref_logps"] and not calls
+    with pytest.raises(KeyboardInterrupt):  # shard 0: 2 batches, shard 1: 1 of 2 batches, then stopped
+        precompute_logps(ds, **frozen, batch_size=3, shard_size=4, output_dir=str(out_dir), progress=False,
+                         resume=False)
+    calls.clear()
     monkeypatch.setattr(precompute_mod, "_shard_logps", lambda *a: calls.append(1) or real(*a))
     second = precompute_logps(ds, **frozen, batch_size=3, shard_size=4, output_dir=str(out_dir), progress=False)
-    assert len(calls) == 1  # shard 2 holds 2 examples: one batch
+    assert len(calls) == 3  # shards 1 (2 batches) and 2 (1 batch); shard 0 was kept
     for c in LOGPS_COLUMNS.values():
         assert second[c] == first[c]
+    assert not os.path.exists(out_dir / "shards")  # the complete dataset holds them
 
 
 def test_rows_without_response_tokens_never_break_a_step(tmp_path):

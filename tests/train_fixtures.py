@@ -9,9 +9,9 @@ VOCAB = 48
 
 def tiny(seed, tie=False, **config):
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
-                         tie_word_embeddings=tie, **config)
+    config = LlamaConfig(**{**dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                                   pad_token_id=0, tie_word_embeddings=tie), **config})
     return LlamaForCausalLM(config)
 
 
@@ -29,7 +29,7 @@ def frozen_models():
     return dict(ref_model=tiny(1), weak_aligned_model=tiny(2), weak_base_model=tiny(3))
 
 
-def save_tiny_checkpoints(tmp_path):
+def save_tiny_checkpoints(tmp_path, **config):
     """A word-level tokenizer and four tiny models saved to disk: what the CLI loads instead of Hub names."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -41,7 +41,7 @@ def save_tiny_checkpoints(tmp_path):
     paths = {}
     for name, seed in (("policy", 0), ("weak_aligned", 2), ("weak_base", 3)):
         paths[name] = str(tmp_path / name)
-        tiny(seed).save_pretrained(paths[name])
+        tiny(seed, **config).save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
     data = tmp_path / "data.jsonl"
     g = torch.Generator().manual_seed(0)

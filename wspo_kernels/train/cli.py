@@ -14,6 +14,8 @@ The keys and their defaults: ``wspo-kernels train --help`` (``config.py``).  In 
    the official ``init_adapter`` does; LoRA through PEFT), trained, and saved to ``output_dir``.
 """
 import hashlib
+import json
+import math
 import os
 
 import torch
@@ -24,7 +26,9 @@ from .formats import prompt_response, read_records
 from .model_io import context_limit
 
 ROLE_KEYS = {"ref": "ref_model", "weak_aligned": "weak_aligned_model", "weak_base": "weak_base_model"}
-SAMPLE_BYTES = 1 << 20  # bytes hashed at the start, middle and end of each checkpoint file
+CHECKPOINT_FILES = (".safetensors", ".bin", ".pt", ".pth")
+HASH_CHUNK = 1 << 24
+HASH_MEMO = "file_hashes.json"  # in the cache directory: file contents hashed once per (path, size, mtime)
 
 
 def _say(message):
@@ -69,13 +73,22 @@ def effective_cutoff(w):
 
 def prepare_dataset(w, tokenizer, cutoff):
     """Tokenised {input_ids, labels} rows: cut to ``cutoff`` by ``w.truncation``; rows without a response
-    token dropped; both counted."""
+    token dropped; both counted.  A row the formats do not know is a ``ConfigError`` naming the file."""
+    try:
+        return _prepare_dataset(w, tokenizer, cutoff)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"dataset {w.dataset!r}: {e}") from None
+
+
+def _prepare_dataset(w, tokenizer, cutoff):
     from datasets import Dataset
     records = read_records(w.dataset)
     if w.max_samples is not None:
         records = records[: w.max_samples] if isinstance(records, list) else records.select(range(min(len(records), w.max_samples)))
     rows, cut, dropped = [], 0, 0
+    how = w.truncation
     if isinstance(records, Dataset) and {"input_ids", "labels"} <= set(records.column_names):  # pre-tokenised
+        how = "pre-tokenised rows: from the right"
         for r in records:
             ids, labels = list(r["input_ids"]), list(r["labels"])
             cut += len(ids) > cutoff
@@ -89,17 +102,22 @@ def prepare_dataset(w, tokenizer, cutoff):
         if w.template not in ("auto", "plain") and not getattr(tokenizer, "chat_template", None):
             _say(f"template {w.template!r}: the tokenizer has no chat template; prompts are plain text")
         for i, record in enumerate(records):
-            prompt_ids, response_ids = encode_prompt_response(tokenizer, *prompt_response(record, i), chat_template=chat)
-            cut += len(prompt_ids) + len(response_ids) > cutoff
-            row = build_example(prompt_ids, response_ids, max_length=cutoff, truncation=w.truncation)
+            prompt, response, rejected = prompt_response(record, i)
+            prompt_ids, response_ids = encode_prompt_response(tokenizer, prompt, response, chat_template=chat)
+            paired = len(encode_prompt_response(tokenizer, prompt, rejected, chat_template=chat)[1]) if rejected else 0
+            cut += len(prompt_ids) + max(len(response_ids), paired) > cutoff
+            row = build_example(prompt_ids, response_ids, max_length=cutoff, truncation=w.truncation, paired_len=paired)
             if row is None:
                 dropped += 1
             else:
                 rows.append(row)
-    _say(f"{len(rows)} examples from {w.dataset}; {cut} cut to {cutoff} tokens ({w.truncation}); {dropped} dropped "
+    _say(f"{len(rows)} examples from {w.dataset}; {cut} cut to {cutoff} tokens ({how}); {dropped} dropped "
          "(no response token within the cutoff)")
     if not rows:
-        raise ConfigError(f"dataset {w.dataset!r}: no example keeps a response token within {cutoff} tokens")
+        raise ValueError(f"no example keeps a response token within {cutoff} tokens")
+    n_eval = int(w.val_size) if w.val_size >= 1 else math.ceil(w.val_size * len(rows))  # as train_test_split
+    if n_eval >= len(rows):
+        raise ValueError(f"val_size {w.val_size} leaves no training example of {len(rows)}")
     return Dataset.from_list(rows)
 
 
@@ -113,23 +131,43 @@ def _snapshot_dir(name):
         return None
 
 
-def checkpoint_fingerprint(name, dtype):
-    """A model's identity from its checkpoint files (config, weights: sizes and sampled bytes) and the
-    dtype it runs in; None when the files are not on this machine."""
+def _file_digest(path, memo):
+    st = os.stat(path)
+    key = f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+    if key not in memo:
+        h = hashlib.blake2b(digest_size=32)
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(HASH_CHUNK), b""):
+                h.update(chunk)
+        memo[key] = h.hexdigest()
+    return memo[key]
+
+
+def checkpoint_fingerprint(name, dtype, memo):
+    """A model's identity: the dtype it runs in and a hash of every byte of its config and weight files
+    (memoised in ``memo`` by path, size and modification time); None when the files are not here."""
     path = _snapshot_dir(name)
     if path is None:
         return None
     h = hashlib.sha256(str(dtype).encode())
     for file in sorted(os.listdir(path)):
-        if file == "config.json" or file.endswith((".safetensors", ".bin", ".pt", ".pth")):
-            full = os.path.join(path, file)
-            size = os.path.getsize(full)
-            h.update(f"{file}:{size}".encode())
-            with open(full, "rb") as f:
-                for offset in sorted({0, max(0, size // 2 - SAMPLE_BYTES // 2), max(0, size - SAMPLE_BYTES)}):
-                    f.seek(offset)
-                    h.update(f.read(SAMPLE_BYTES))
+        if file == "config.json" or file.endswith(CHECKPOINT_FILES):
+            h.update(f"{file}:{_file_digest(os.path.join(path, file), memo)}".encode())
     return h.hexdigest()
+
+
+def _model_ids(sources, dtype, cache):
+    memo_path = os.path.join(cache, HASH_MEMO)
+    try:
+        with open(memo_path) as f:
+            memo = json.load(f)
+    except (OSError, ValueError):
+        memo = {}
+    ids = {role: checkpoint_fingerprint(_local(name), dtype, memo) for role, name in sources.items()}
+    os.makedirs(cache, exist_ok=True)
+    with open(memo_path, "w") as f:
+        json.dump(memo, f, indent=1)
+    return ids
 
 
 def precomputed_dataset(config, tokenizer, ds):
@@ -138,7 +176,7 @@ def precomputed_dataset(config, tokenizer, ds):
     w, dtype = config.wspo, _dtype(config.training)
     cache = os.path.join(config.training.output_dir, "precomputed")
     sources = _sources(w)
-    ids = {role: checkpoint_fingerprint(_local(name), dtype) for role, name in sources.items()}
+    ids = _model_ids(sources, dtype, cache)
     if all(ids.values()):
         cached = load_cached_logps(ds, cache, model_ids=ids)
         if cached is not None:
@@ -146,11 +184,12 @@ def precomputed_dataset(config, tokenizer, ds):
             return cached
     device = "cpu" if config.training.use_cpu or not torch.cuda.is_available() else "cuda"
     models = {role: _load_model(name, dtype).to(device) for role, name in sources.items()}
-    ids = {role: ids[role] or checkpoint_fingerprint(_local(name), dtype) for role, name in sources.items()}
+    if not all(ids.values()):  # downloaded just now
+        ids = _model_ids(sources, dtype, cache)
     out = precompute_logps(ds, ref_model=models["ref"], weak_aligned_model=models["weak_aligned"],
                            weak_base_model=models["weak_base"], batch_size=w.precompute_batch_size, output_dir=cache,
                            pad_token_id=tokenizer.pad_token_id, model_ids=ids if all(ids.values()) else None,
-                           log=_say)
+                           backend=w.backend, log=_say)
     _say(f"precomputed logps for {len(out)} examples -> {cache}")
     return out
 
@@ -162,11 +201,11 @@ def _setup(argv, prog):
     tokenizer = AutoTokenizer.from_pretrained(_local(config.wspo.model_name_or_path))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return config, tokenizer, prepare_dataset(config.wspo, tokenizer, cutoff)
+    return config, tokenizer, cutoff, prepare_dataset(config.wspo, tokenizer, cutoff)
 
 
 def precompute_main(argv):
-    config, tokenizer, ds = _setup(argv, "wspo-kernels precompute")
+    config, tokenizer, _, ds = _setup(argv, "wspo-kernels precompute")
     return precomputed_dataset(config, tokenizer, ds)
 
 
@@ -192,7 +231,7 @@ def train_main(argv):
     from transformers import set_seed
 
     from .trainer import WSPOTrainer
-    config, tokenizer, ds = _setup(argv, "wspo-kernels train")
+    config, tokenizer, cutoff, ds = _setup(argv, "wspo-kernels train")
     w, args = config.wspo, config.training
     dtype = _dtype(args)
     frozen = {}
@@ -211,12 +250,17 @@ def train_main(argv):
     policy = _policy(w, dtype)
     trainer = WSPOTrainer(policy, args, train_dataset=ds, eval_dataset=eval_ds, gamma=w.pref_beta,
                           processing_class=tokenizer, backend=w.backend, disable_dropout=w.disable_dropout,
-                          data_collator=WSPODataCollator(tokenizer.pad_token_id, pad_to_multiple_of=8), **frozen)
+                          data_collator=WSPODataCollator(tokenizer.pad_token_id, max_length=cutoff, pad_to_multiple_of=8),
+                          **frozen)
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
+    if args.do_eval and eval_ds is not None:  # as the official workflow: a final evaluation
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
     if w.plot_loss:
         _plot_loss(trainer, os.path.join(args.output_dir, "training_loss.png"))
     what = "LoRA adapters" if w.finetuning_type == "lora" else "model"

@@ -121,7 +121,7 @@ def parse_overrides(argv):
         item = argv[i]
         key, eq, value = item.lstrip("-").partition("=")
         if not eq and item.startswith("--"):
-            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--") and "=" not in argv[i + 1]
             value = argv[i + 1] if has_value else "true"
             i += has_value
         elif not eq:
@@ -147,15 +147,23 @@ def read_yaml(path):
     return config
 
 
+def _truthy(value):
+    return value is True or str(value).lower() in ("true", "1", "yes")
+
+
 def _normalise(raw: dict) -> dict:
-    """Aliases resolved, unknown and nested keys refused with the closest valid names."""
-    wspo_fields = {f.name for f in dataclasses.fields(WSPOArguments)}
-    training_fields = set(_training_fields())
-    known = wspo_fields | training_fields | {"warmup_ratio"}
+    """Aliases resolved (``no_X`` = ``X: false`` for a boolean X), unknown keys and nested mappings that are
+    not a ``TrainingArguments`` dict field refused with the closest valid names."""
+    wspo_fields = {f.name: f for f in dataclasses.fields(WSPOArguments)}
+    training_fields = _training_fields()
+    known = set(wspo_fields) | set(training_fields) | {"warmup_ratio"}
     out, origin = {}, {}
     for key, value in raw.items():
         name = ALIASES.get(key, key)
-        if isinstance(value, dict):
+        flag = {**wspo_fields, **training_fields}.get(name[3:]) if name.startswith("no_") else None
+        if flag is not None and flag.type in (bool, "bool"):
+            name, value = name[3:], not _truthy(value)
+        if isinstance(value, dict) and name not in training_fields:
             hints = [m for sub in value for m in difflib.get_close_matches(f"{key}_{sub}", known, n=1)]
             raise ConfigError(f"key {key!r}: nested mappings are not keys here; keys are flat"
                               + (f" (did you mean {', '.join(hints)}?)" if hints else ""))
@@ -171,20 +179,28 @@ def _normalise(raw: dict) -> dict:
     return out
 
 
-def _as_argv(values: dict, parser) -> list:
+def _as_argv(values: dict, parser):
+    """(argv for the parser, structured values): lists and mappings of ``TrainingArguments`` keys
+    (``report_to: [a, b]``, ``lr_scheduler_kwargs: {...}``) are set on the parsed dataclass as they are;
+    a list for one of our string keys (``lora_target``) is joined with commas."""
     actions = {a.dest: a for a in parser._actions}
-    argv = []
+    training_fields = _training_fields()
+    argv, structured = [], {}
     for key, value in values.items():
         if value is None:
             continue
         if isinstance(value, bool):
             value = str(value).lower()
-        if isinstance(value, (list, tuple)):
-            items = [str(v) for v in value]
-            argv += [f"--{key}"] + (items if actions[key].nargs in ("+", "*") else [",".join(items)])
-        else:
-            argv += [f"--{key}", str(value)]
-    return argv
+        if isinstance(value, (list, tuple, dict)):
+            if key in training_fields and not (isinstance(value, (list, tuple)) and actions[key].nargs in ("+", "*")):
+                structured[key] = list(value) if isinstance(value, tuple) else value
+                continue
+            if isinstance(value, (list, tuple)):
+                items = [str(v) for v in value]
+                argv += [f"--{key}"] + (items if actions[key].nargs in ("+", "*") else [",".join(items)])
+                continue
+        argv += [f"--{key}", str(value)]
+    return argv, structured
 
 
 def _check_ranges(w: WSPOArguments, t):
@@ -232,51 +248,77 @@ def _check_deepspeed(value):
                           "without it)")
 
 
+HUB_CHECK_TIMEOUT_S = 10
+
+
 def check_model_source(key: str, name: str) -> None:
-    """A local directory with a config.json, or a Hub id; a path that cannot be either fails at once
-    (not after the Hub's connection retries)."""
+    """A local directory with a config.json, a Hub id in the local Hub cache, or one the Hub has (one
+    request); anything else fails at once, not after the Hub client's connection retries."""
     if os.path.isdir(name):
         if not os.path.isfile(os.path.join(name, "config.json")):
             raise ConfigError(f"{key}: {name!r} is a directory without a config.json (not a saved model)")
         return
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from huggingface_hub import model_info, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, RepositoryNotFoundError, validate_repo_id
+    parent = os.path.dirname(os.path.abspath(name))
+    close = difflib.get_close_matches(os.path.basename(name), os.listdir(parent), n=1) if os.path.isdir(parent) else []
+    local = f"no such model directory {name!r}" + (
+        f" (did you mean {os.path.join(os.path.dirname(name), close[0])!r}?)" if close else "")
     try:
         validate_repo_id(name)
-        parent = os.path.dirname(name)
-        hub_id = not (parent and os.path.isdir(parent))  # 'out/polcy' next to a local 'out/' is a path
     except HFValidationError:
-        hub_id = False
-    if not hub_id:
-        parent = os.path.dirname(os.path.abspath(name))
-        close = difflib.get_close_matches(os.path.basename(name), os.listdir(parent), n=1) if os.path.isdir(parent) else []
-        raise ConfigError(f"{key}: no such model directory {name!r}"
-                          + (f"; did you mean {os.path.join(os.path.dirname(name), close[0])!r}?" if close else ""))
+        raise ConfigError(f"{key}: {local}") from None
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        from huggingface_hub import try_to_load_from_cache
-        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
-            raise ConfigError(f"{key}: {name!r} is not a local directory and not in the Hub cache (HF_HUB_OFFLINE is set)")
+        raise ConfigError(f"{key}: {local}, and {name!r} is not in the Hub cache (HF_HUB_OFFLINE is set)")
+    try:
+        model_info(name, timeout=HUB_CHECK_TIMEOUT_S)
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{key}: {local}, nor a model on the Hugging Face Hub") from None
+    except Exception as e:  # no network, a proxy, a timeout
+        raise ConfigError(f"{key}: {local}, and the Hugging Face Hub cannot be reached to fetch it "
+                          f"({type(e).__name__})") from None
 
 
 def parse_config(argv, *, prog="wspo-kernels train") -> Config:
     """``[CONFIG.yaml] [overrides...]`` -> a validated ``Config``; raises ``ConfigError``."""
     argv = list(argv)
-    raw = read_yaml(argv.pop(0)) if argv and not argv[0].startswith("-") and "=" not in argv[0] else {}
-    given = {**_normalise(raw), **_normalise(parse_overrides(argv))}  # the command line wins
+    is_file = argv and not argv[0].startswith("-") and (os.path.isfile(argv[0]) or "=" not in argv[0])
+    raw = read_yaml(argv.pop(0)) if is_file else {}
+    from_file, from_line = _normalise(raw), _normalise(parse_overrides(argv))
+    # The command line wins, also over the other key of an exclusive pair.
+    for a, b in (("warmup_ratio", "warmup_steps"), ("warmup_steps", "warmup_ratio")):
+        if a in from_line:
+            from_file.pop(b, None)
+    for a, b in (("fp16", "bf16"), ("bf16", "fp16")):
+        if _truthy(from_line.get(a)):
+            from_file.pop(b, None)
+    given = {**from_file, **from_line}
     missing = [k for k in REQUIRED if given.get(k) in (None, "")]
     if missing:
         raise ConfigError(f"missing {', '.join(missing)} (in the YAML or as key=value)")
     values = dict(given)
     if "warmup_ratio" in given and "warmup_steps" in given:
         raise ConfigError("give warmup_ratio or warmup_steps, not both")
+    if _truthy(given.get("fp16")) and "bf16" not in given:
+        values["bf16"] = False  # the recipe's bf16 default gives way to fp16
     ratio = values.pop("warmup_ratio", None if "warmup_steps" in given else WARMUP_RATIO)
     if ratio is not None:
-        if not 0 <= float(ratio) < 1:
+        try:
+            ratio = float(ratio)
+        except (TypeError, ValueError):
+            raise ConfigError(f"warmup_ratio must be a number in [0, 1), got {ratio!r}") from None
+        if not 0 <= ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {ratio}")
-        values["warmup_ratio" if "warmup_ratio" in _training_fields() else "warmup_steps"] = float(ratio)
+        values["warmup_ratio" if "warmup_ratio" in _training_fields() else "warmup_steps"] = ratio
     _check_deepspeed(values.get("deepspeed"))  # before TrainingArguments, which imports it
     parser = _parser(prog)
+    argv, structured = _as_argv(values, parser)
     try:
-        w, t = parser.parse_args_into_dataclasses(args=_as_argv(values, parser))
+        w, t = parser.parse_args_into_dataclasses(args=argv)
+        if structured:
+            t = dataclasses.replace(t, **structured)
     except ConfigError:
         raise
     except (ValueError, TypeError, ImportError) as e:  # TrainingArguments' own checks

@@ -33,14 +33,20 @@ def infer_seqlen(source_len: int, target_len: int, cutoff_len: int):
     return new_source_len, new_target_len
 
 
-def build_example(prompt_ids, response_ids, *, max_length: Optional[int] = None, truncation: str = "infer_seqlen"):
-    """Token ids -> {"input_ids", "labels"}; None when no response token can be trained on."""
+def build_example(prompt_ids, response_ids, *, max_length: Optional[int] = None, truncation: str = "infer_seqlen",
+                  paired_len: int = 0):
+    """Token ids -> {"input_ids", "labels"}; None when no response token can be trained on.
+
+    ``paired_len``: the length of the rejected response of a preference pair; the official rule budgets
+    the response as the longer of the two (the rejected half itself is not trained on).
+    """
     if truncation not in TRUNCATIONS:
         raise ValueError(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
     prompt_ids, response_ids = list(prompt_ids), list(response_ids)
-    if max_length is not None and len(prompt_ids) + len(response_ids) > max_length:
+    budget = max(len(response_ids), paired_len)
+    if max_length is not None and len(prompt_ids) + budget > max_length:
         if truncation == "infer_seqlen":
-            n_prompt, n_response = infer_seqlen(len(prompt_ids), len(response_ids), max_length)
+            n_prompt, n_response = infer_seqlen(len(prompt_ids), budget, max_length)
             prompt_ids, response_ids = prompt_ids[:n_prompt], response_ids[:n_response]
         else:
             prompt_ids = prompt_ids[-max(1, max_length - len(response_ids)):]
@@ -58,7 +64,8 @@ def encode_prompt_response(tokenizer, prompt, response: str, *, chat_template: O
     """(prompt ids, response ids) of one example; ``prompt`` is a string or a list of chat messages.
 
     With a chat template (the tokenizer's, used when it has one unless ``chat_template=False``) the
-    response ids are the template's rendering of the assistant turn (its end-of-turn token included);
+    response ids are the template's rendering of the assistant turn up to its end-of-turn token (the
+    tokenizer's EOS; what a template renders after it, such as ChatML's newline, is not trained on);
     without one, the prompt is tokenised with the tokenizer's special tokens and the response gets EOS.
     """
     use_template = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
@@ -68,7 +75,11 @@ def encode_prompt_response(tokenizer, prompt, response: str, *, chat_template: O
         full = _token_ids(tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}],
                                                         tokenize=True))
         if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
-            return prompt_ids, full[len(prompt_ids):]
+            response_ids = full[len(prompt_ids):]
+            eos = tokenizer.eos_token_id
+            if eos in response_ids:
+                response_ids = response_ids[: response_ids.index(eos) + 1]
+            return prompt_ids, response_ids
     else:
         text = "\n".join(m["content"] for m in messages)
         prompt_ids = _token_ids(tokenizer(text, add_special_tokens=True))
@@ -91,10 +102,11 @@ class WSPODataCollator:
     A row without a response token passes through as an all-ignored row: it contributes nothing and is
     left out of the loss's mean (drop such rows once, when the dataset is prepared; the CLI does).
     ``max_length`` truncates from the right (counted in ``truncated``); ``pad_to_multiple_of`` pads the
-    sequence length as the official collator does (8).
+    sequence length as the official collator does (8), up to ``max_length``.
     """
 
-    def __init__(self, pad_token_id: int, *, max_length: Optional[int] = None, pad_to_multiple_of: Optional[int] = None):
+    def __init__(self, pad_token_id: int, *, max_length: Optional[int] = None,
+                 pad_to_multiple_of: Optional[int] = None):
         self.pad_token_id = pad_token_id
         self.max_length = max_length
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -111,8 +123,9 @@ class WSPODataCollator:
                 logps = {c: v[: self.max_length - 1] for c, v in logps.items()}
             rows.append((ids, labels, logps))
         T = max(len(r[0]) for r in rows)
-        if self.pad_to_multiple_of:
+        if self.pad_to_multiple_of:  # never past max_length: a model's context may not be a multiple
             T = -(-T // self.pad_to_multiple_of) * self.pad_to_multiple_of
+            T = T if self.max_length is None else min(T, self.max_length)
         batch = {
             "input_ids": torch.tensor([r[0] + [self.pad_token_id] * (T - len(r[0])) for r in rows]),
             "attention_mask": torch.tensor([[1] * len(r[0]) + [0] * (T - len(r[0])) for r in rows]),

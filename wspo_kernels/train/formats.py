@@ -10,9 +10,11 @@ Files: a JSON array (pretty-printed or not), JSON Lines, or a ``datasets`` direc
 | Alpaca ``instruction``, ``input``, ``output`` | ``instruction`` + newline + ``input`` | ``output`` |
 | chat ``messages`` (or ``conversations``) | every message before the last | the last message (assistant) |
 
-``chosen`` may itself be a chat (UltraFeedback-binarized: ``[user, assistant]``); then the prompt is its
-messages before the last.  An optional ``system`` string becomes a system message.  Chat prompts go
-through the tokenizer's chat template (see ``data.encode_prompt_response``).
+``chosen`` may itself be a chat: a whole conversation (UltraFeedback-binarized: ``[user, assistant]``,
+whose messages before the last are the prompt) or TRL's conversational form (``prompt`` a list of
+messages, ``chosen`` ``[assistant]``).  An optional ``system`` string becomes a system message.  Chat
+prompts go through the tokenizer's chat template (see ``data.encode_prompt_response``).  The rejected
+response is returned too: the official truncation budgets the longer of the pair.
 """
 import json
 import os
@@ -70,10 +72,23 @@ def _split_chat(messages, where):
     return prompt, _text(last.get("content", last.get("value")), where)
 
 
+def _response(value, prompt, where):
+    """(prompt, response text) from a response field: a string, a whole chat, or TRL's [assistant]."""
+    if not isinstance(value, list):
+        if prompt is None:
+            raise ValueError(f"{where}: a response without a prompt")
+        return (prompt if isinstance(prompt, list) else _text(prompt, where)), _text(value, where)
+    if len(value) == 1 and prompt is not None:  # TRL's conversational preference rows
+        return _response(value[0].get("content", value[0].get("value")), prompt, where)
+    return _split_chat(value, where)
+
+
 def prompt_response(record: dict, index: int = 0):
-    """(prompt: str or chat messages, response: str) of one row, in any of the formats above."""
+    """(prompt: str or chat messages, response: str, rejected: str or None) of one row, in any of the
+    formats above."""
     where = f"row {index}"
     chat = record.get("messages", record.get("conversations"))
+    rejected = None
     if chat is not None:
         prompt, response = _split_chat(chat, where)
     else:
@@ -81,14 +96,12 @@ def prompt_response(record: dict, index: int = 0):
         prompt = record.get("prompt", record.get("instruction"))
         if response_key is None or (prompt is None and not isinstance(record[response_key], list)):
             raise ValueError(f"{where} has keys {sorted(record)}; expected one of the formats {', '.join(FORMATS)}")
-        response = record[response_key]
-        if isinstance(response, list):  # a chat as the chosen response
-            prompt, response = _split_chat(response, f"{where} '{response_key}'")
-        else:
-            prompt, response = _text(prompt, where), _text(response, where)
-            if record.get("input"):
-                prompt = prompt + "\n" + _text(record["input"], where)
+        prompt, response = _response(record[response_key], prompt, f"{where} '{response_key}'")
+        if record.get("input") and isinstance(prompt, str):
+            prompt = prompt + "\n" + _text(record["input"], where)
+        if response_key == "chosen" and record.get("rejected") is not None:
+            rejected = _response(record["rejected"], prompt, f"{where} 'rejected'")[1]
     if record.get("system"):
         prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         prompt = [{"role": "system", "content": _text(record["system"], where)}] + prompt
-    return prompt, response
+    return prompt, response, rejected

@@ -35,12 +35,15 @@ def check_supported(model) -> None:
 
 
 def context_limit(config):
-    """Positions a model takes: ``max_position_embeddings`` (times the RoPE scaling factor when scaled);
-    None when the config does not say."""
+    """Positions a model takes; None when the config does not say.  With RoPE scaling: the original
+    context times the factor when the config names it (yarn, llama3: ``max_position_embeddings`` may
+    already be the extended one), else ``max_position_embeddings`` times the factor (linear, dynamic)."""
     limit = getattr(config, "max_position_embeddings", None)
     scaling = getattr(config, "rope_scaling", None) or {}
     if limit and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        limit = int(limit * scaling.get("factor", 1))
+        original = scaling.get("original_max_position_embeddings")
+        extended = int((original or limit) * scaling.get("factor", 1))
+        limit = max(limit, extended) if original else extended
     return limit
 
 

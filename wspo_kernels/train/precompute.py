@@ -13,7 +13,8 @@ default a hash of each model's config, dtypes and a sample of every parameter; t
 the checkpoint files instead, so it can check the cache without loading a model), the tokenised
 dataset's content (so the tokenizer, the data, ``cutoff_len`` and the truncation rule), the shard size
 and the cache format.  A cache made for anything else is reported with the fields that differ and
-recomputed; a shard that does not load or has the wrong number of rows is recomputed.
+recomputed; a shard that does not load or has the wrong number of rows is recomputed.  Logps are
+stored as float32; the shards (kept for resuming) are removed once the whole dataset is saved.
 """
 import hashlib
 import json
@@ -135,7 +136,7 @@ def precompute_logps(dataset, *, ref_model=None, weak_aligned_model=None, weak_b
     ``model_ids`` ({role: str}, roles as in ``LOGPS_COLUMNS``) names the models in the cache's
     fingerprint; by default ``model_fingerprint`` of each.  Rows without a response token get zero logps.
     """
-    from datasets import Dataset, concatenate_datasets
+    from datasets import Dataset, Features, Sequence, Value, concatenate_datasets
     from tqdm.auto import tqdm
 
     models = {role: m for role, m in zip(LOGPS_COLUMNS, (ref_model, weak_aligned_model, weak_base_model))
@@ -151,6 +152,10 @@ def precompute_logps(dataset, *, ref_model=None, weak_aligned_model=None, weak_b
             model_ids = {role: model_fingerprint(m) for role, m in models.items()}
         elif set(model_ids) != set(models):
             raise ValueError(f"model_ids names {sorted(model_ids)}, the models given are {sorted(models)}")
+        if resume:
+            done = load_cached_logps(dataset, output_dir, model_ids=model_ids, shard_size=shard_size)
+            if done is not None:
+                return done
         wanted = cache_fingerprint(dataset, model_ids, shard_size)
         resume = resume and _cache_matches(output_dir, wanted, log)
         shard_dir = os.path.join(output_dir, "shards")
@@ -174,7 +179,7 @@ def precompute_logps(dataset, *, ref_model=None, weak_aligned_model=None, weak_b
                 rows = [dataset[i] for i in range(b, min(hi, b + batch_size))]
                 for c, values in _shard_logps(models, rows, collate, device, backend).items():
                     columns[c].extend(values)
-            shard = Dataset.from_dict(columns)
+            shard = Dataset.from_dict(columns, features=Features({c: Sequence(Value("float32")) for c in columns}))
             if path:
                 _save_atomically(shard, path)
         shards.append(shard)
@@ -185,4 +190,5 @@ def precompute_logps(dataset, *, ref_model=None, weak_aligned_model=None, weak_b
     result = concatenate_datasets([dataset, logps], axis=1)
     if output_dir:
         _save_atomically(result, os.path.join(output_dir, "dataset"))
+        shutil.rmtree(shard_dir, ignore_errors=True)  # the dataset holds them all now
     return result

@@ -133,11 +133,11 @@ class WSPOTrainer(Trainer):
         store["grid_logps"] += out.policy_logps.mean() if out.policy_logps.numel() else out.loss.new_zeros(())
 
     def log(self, logs, *args, **kwargs):
-        split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        split = "train" if self.model.training else "eval"
         store = {k: float(v) for k, v in self._metrics[split].items()}
         self._metrics[split].clear()
+        prefix = "eval_" if split == "eval" else ""
         if store.get("tokens", 0) > 0:
-            prefix = "eval_" if split == "eval" else ""
             n = store["tokens"]
             logs[f"{prefix}wspo/delta_strong"] = store["delta_strong"] / n
             logs[f"{prefix}wspo/delta_weak"] = store["delta_weak"] / n
