@@ -77,4 +77,23 @@ def lm_head_inputs(model, input_ids, attention_mask=None):
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False,
                 **_last_logits_kwarg(inner))
     head = inner.get_output_embeddings()
+    _unshard_for_loss(inner, head)
     return out.hidden_states[-1], head.weight, getattr(head, "bias", None)
+
+
+def _unshard_for_loss(inner, head):
+    """Under FSDP2 the head's parameters are full tensors after the model's forward when the head is in
+    the root's unit (the root is not resharded after forward), but a DTensor shard when the head has a
+    unit of its own.  Unsharding that unit through FSDP (``FSDPModule.unshard``) makes ``head.weight``
+    the all-gathered parameter for the loss; FSDP reduce-scatters its gradient into the shard after
+    the backward and reshards it, as for any module it unsharded."""
+    if not type(head.weight).__name__ == "DTensor":
+        return
+    from torch.distributed.fsdp import FSDPModule
+    head_name = next(name for name, m in inner.named_modules() if m is head)
+    owners = [(name, m) for name, m in inner.named_modules()
+              if isinstance(m, FSDPModule) and (name == "" or head_name == name or head_name.startswith(name + "."))]
+    if not owners:
+        raise NotImplementedError(f"{type(head).__name__}.weight is a DTensor outside an FSDP2 unit (tensor "
+                                  "parallelism?): pass the vocabulary shard with vocab_group instead")
+    max(owners, key=lambda nm: len(nm[0]))[1].unshard()
