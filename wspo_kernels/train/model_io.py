@@ -5,6 +5,7 @@ The model is called through its own forward (so DDP / PEFT wrappers do their wor
 entry of ``hidden_states`` is the post-norm state that the lm_head multiplies.  Heads that transform the
 logits beyond ``h W^T + b`` (a logit scale, a final soft-cap) are refused rather than silently ignored.
 """
+import contextlib
 import inspect
 
 import torch
@@ -79,6 +80,34 @@ def lm_head_inputs(model, input_ids, attention_mask=None):
     head = inner.get_output_embeddings()
     _unshard_for_loss(inner, head)
     return out.hidden_states[-1], head.weight, getattr(head, "bias", None)
+
+
+_GATHERED = set()  # ids of the parameters a gathered_for_loss context holds
+
+
+@contextlib.contextmanager
+def gathered_for_loss(params):
+    """DeepSpeed ZeRO-3 keeps a parameter partitioned (an empty placeholder) outside its module's forward;
+    the fused loss reads the lm_head weights directly, so they are all-gathered around it
+    (``deepspeed.zero.GatheredParameters``): for the forward of frozen heads, and through the backward
+    for the policy's (the trainer's training step), whose gradient then accumulates into the full
+    parameter and is reduce-scattered by ZeRO-3 as any other.  A no-op without ZeRO-3, and for
+    parameters already available (gathered by an enclosing call, or tied to the embeddings)."""
+    todo = []
+    for p in params:  # unique, partitioned, not gathered by an enclosing call (a LoRA reference shares the head)
+        if p is not None and hasattr(p, "ds_id") and all(p is not q for q in todo) and id(p) not in _GATHERED \
+                and getattr(p.ds_status, "name", "") != "AVAILABLE":
+            todo.append(p)
+    if not todo:
+        yield
+        return
+    import deepspeed
+    _GATHERED.update(id(p) for p in todo)
+    try:
+        with deepspeed.zero.GatheredParameters(todo):
+            yield
+    finally:
+        _GATHERED.difference_update(id(p) for p in todo)
 
 
 def _unshard_for_loss(inner, head):

@@ -16,6 +16,7 @@
   definitions (per micro-batch means over the padded ``[B, T-1]`` grid, averaged over the logging
   window), ``rewards/chosen`` = γ·logp and ``logps/chosen``.
 """
+import contextlib
 from collections import defaultdict
 
 import torch
@@ -24,7 +25,7 @@ from transformers import Trainer
 from .. import linear_wspo_loss
 from .._inputs import check_gamma
 from .data import IGNORE_INDEX, LOGPS_COLUMNS, WSPODataCollator
-from .model_io import check_supported, disable_dropout_in, lm_head_inputs
+from .model_io import check_supported, disable_dropout_in, gathered_for_loss, lm_head_inputs
 
 ROLES = ("ref", "weak_aligned", "weak_base")
 
@@ -59,6 +60,7 @@ class WSPOTrainer(Trainer):
                 if m is not None:
                     disable_dropout_in(m)
         self._num_sequences = None       # global sequence count of the current optimizer step
+        self._hold_gathered = None       # training_step's stack of ZeRO-3 gathers, held through the backward
         self._metrics = {"train": defaultdict(float), "eval": defaultdict(float)}
 
     # ------------------------------------------------------------------ normalisation
@@ -84,11 +86,18 @@ class WSPOTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
         inputs = self._prepare_inputs(inputs)
-        with self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        if self._num_sequences is None:  # no step-wide count (older Trainer): per-micro-batch means
-            loss = loss / self.args.gradient_accumulation_steps
-        self.accelerator.backward(loss)
+        # ZeRO-3: compute_loss gathers the heads into this stack, so that they stay gathered through the
+        # backward and the policy head's gradient accumulates into the full parameter, which ZeRO-3 then
+        # reduce-scatters as it does for any module.
+        with contextlib.ExitStack() as self._hold_gathered:
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs)
+            if self._num_sequences is None:  # no step-wide count (older Trainer): per-micro-batch means
+                loss = loss / self.args.gradient_accumulation_steps
+            # The loss is already normalised for the whole step: DeepSpeed must not divide it by the
+            # accumulation steps again (its engine does by default).
+            self.accelerator.backward(loss, **({"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}))
+        self._hold_gathered = None
         return loss.detach()
 
     # ------------------------------------------------------------------ the loss
@@ -116,8 +125,12 @@ class WSPOTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         hidden, weight, bias = lm_head_inputs(model, inputs["input_ids"], inputs.get("attention_mask"))
         frozen = {role: self._frozen(role, model, inputs) for role in ROLES}
-        out = linear_wspo_loss(hidden, weight, inputs["labels"], bias=bias, gamma=self.gamma,
-                               normalizer=self._normalizer(model), return_metrics=True, backend=self.backend, **frozen)
+        heads = [weight, bias] + [t for f in frozen.values() if isinstance(f, tuple) for t in f[1:]]
+        with contextlib.ExitStack() as here:  # ZeRO-3: heads are partitioned outside their modules' forward
+            (self._hold_gathered or here).enter_context(gathered_for_loss(heads))
+            out = linear_wspo_loss(hidden, weight, inputs["labels"], bias=bias, gamma=self.gamma,
+                                   normalizer=self._normalizer(model), return_metrics=True, backend=self.backend,
+                                   **frozen)
         self._record(out, "train" if model.training else "eval")
         return (out.loss, {"policy_logps": out.policy_logps}) if return_outputs else out.loss
 
