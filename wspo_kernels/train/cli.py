@@ -13,6 +13,7 @@ The keys and their defaults: ``wspo-kernels train --help`` (``config.py``).  In 
 5. the policy is loaded (under bf16 its trainable parameters are kept in fp32 unless ``pure_bf16``, as
    the official ``init_adapter`` does; LoRA through PEFT), trained, and saved to ``output_dir``.
 """
+import contextlib
 import hashlib
 import json
 import math
@@ -47,6 +48,22 @@ def _dtype(training):
 def _load_model(name, dtype):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(_local(name), dtype=dtype)
+
+
+@contextlib.contextmanager
+def _whole_weights(training):
+    """With a ZeRO-3 DeepSpeed config, from_pretrained partitions what it loads (zero.Init), which only a
+    DeepSpeed engine can run; the frozen models run outside one (precompute, or resident), so they load
+    whole.  The policy loads partitioned, for the engine."""
+    if not training.deepspeed:
+        yield
+        return
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(training.hf_deepspeed_config)
 
 
 def _sources(w):
@@ -171,7 +188,13 @@ def _model_ids(sources, dtype, cache):
 
 
 def precomputed_dataset(config, tokenizer, ds):
-    """``ds`` with the frozen models' logps columns: from the cache when it matches, else computed."""
+    """``ds`` with the frozen models' logps columns: from the cache when it matches, else computed (by the
+    main process of a multi-process launch; the others then find the cache complete)."""
+    with config.training.main_process_first(desc="precompute logps"):
+        return _precomputed_dataset(config, tokenizer, ds)
+
+
+def _precomputed_dataset(config, tokenizer, ds):
     from .precompute import load_cached_logps, precompute_logps
     w, dtype = config.wspo, _dtype(config.training)
     cache = os.path.join(config.training.output_dir, "precomputed")
@@ -183,7 +206,8 @@ def precomputed_dataset(config, tokenizer, ds):
             _say(f"reusing the precomputed logps in {cache} (same models, dtype and rows)")
             return cached
     device = "cpu" if config.training.use_cpu or not torch.cuda.is_available() else "cuda"
-    models = {role: _load_model(name, dtype).to(device) for role, name in sources.items()}
+    with _whole_weights(config.training):
+        models = {role: _load_model(name, dtype).to(device) for role, name in sources.items()}
     if not all(ids.values()):  # downloaded just now
         ids = _model_ids(sources, dtype, cache)
     out = precompute_logps(ds, ref_model=models["ref"], weak_aligned_model=models["weak_aligned"],
@@ -241,7 +265,8 @@ def train_main(argv):
         sources = _sources(w)
         if w.finetuning_type == "lora" and not w.ref_model:
             del sources["ref"]  # the reference is the policy with its adapters disabled
-        frozen = {f"{role}_model": _load_model(name, dtype) for role, name in sources.items()}
+        with _whole_weights(args):
+            frozen = {f"{role}_model": _load_model(name, dtype) for role, name in sources.items()}
     eval_ds = None
     if w.val_size > 0:
         split = ds.train_test_split(test_size=int(w.val_size) if w.val_size >= 1 else w.val_size, seed=args.seed)
