@@ -454,3 +454,29 @@ def test_log_window_without_response_tokens(tmp_path):
     logs = {"loss": 0.0}
     trainer.log(logs)
     assert logs["logps/chosen"] == 0.0 and "wspo/delta_strong" not in logs
+
+
+def test_deepspeed_zero3_config_runs(tmp_path, ckpt):
+    """The official recipe's `deepspeed:` key with a ZeRO-3 config (one CPU process; its own process, as
+    DeepSpeed initialises torch.distributed); frozen models load whole, the policy partitioned."""
+    pytest.importorskip("deepspeed")
+    paths, data = ckpt
+    ds_config = tmp_path / "ds_z3.json"
+    ds_config.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
+                                     "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+                                     "gradient_clipping": "auto"}))
+    config = write_config(tmp_path / "c.yaml", paths, data, tmp_path / "out", f"deepspeed: {ds_config}")
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+               LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    for precompute in ("true", "false"):
+        out = subprocess.run([sys.executable, "-m", "wspo_kernels", "train", config, f"precompute={precompute}"],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "model saved to" in out.stdout
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

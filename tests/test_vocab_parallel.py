@@ -197,3 +197,38 @@ def test_bad_vocab_parallel_input_fails_on_every_rank():
 def test_vocab_group_needs_torch_distributed():
     with pytest.raises(ValueError, match="vocab_group needs torch.distributed to be initialised"):
         wk.token_logprobs(torch.randn(2, 5), torch.tensor([1, 2]), vocab_group=object())
+
+
+def _trainer_worker(rank, world, port, out):
+    """A policy whose lm_head is a vocabulary shard (a ColumnParallelLinear-style head), in WSPOTrainer."""
+    _init(rank, world, port)
+    try:
+        from transformers import TrainingArguments
+        from train_fixtures import VOCAB, examples, frozen_models, tiny
+        from wspo_kernels.train import WSPODataCollator, WSPOTrainer, precompute_logps
+        import datasets
+        rows = list(precompute_logps(datasets.Dataset.from_list(examples(6)), **frozen_models(), progress=False))
+        batch = WSPODataCollator(0)(rows)
+        args = TrainingArguments(output_dir=out, report_to=[], use_cpu=True)
+        full = tiny(0)
+        want = WSPOTrainer(full, args).compute_loss(full.train(), batch)
+        want.backward()
+        sizes = _sizes(VOCAB, world)
+        policy = tiny(0)
+        shard = _mine(policy.lm_head.weight.detach(), sizes, rank, dim=0).clone()
+        policy.lm_head = torch.nn.Linear(shard.shape[1], shard.shape[0], bias=False)
+        policy.lm_head.weight.data.copy_(shard)
+        got = WSPOTrainer(policy, args, vocab_group=dist.group.WORLD).compute_loss(policy.train(), batch)
+        got.backward()
+        check_loss(got, want, torch.float32, "trainer loss")
+        expected = _mine(full.lm_head.weight.grad, sizes, rank, dim=0)
+        check_grad(policy.lm_head.weight.grad, expected, torch.float32, what="lm_head shard grad")
+        check_grad(policy.model.norm.weight.grad, full.model.norm.weight.grad, torch.float32, what="norm grad")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_trainer_with_a_vocab_sharded_head(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("datasets")
+    torch.multiprocessing.spawn(_trainer_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)

@@ -9,6 +9,9 @@
   gradient-accumulation micro-batches and data-parallel ranks: each micro-batch passes the global count
   as ``normalizer`` (divided by the world size, which DDP's gradient averaging restores), and the
   trainer does not divide by the accumulation steps again.  Same gradients as one big batch.
+- Tensor-parallel heads (``vocab_group``): when each rank's lm_head (a ``ColumnParallelLinear``-style
+  layer) holds a contiguous shard of the vocabulary, pass its process group; the loss combines the
+  shards (``wspo_kernels.vocab_parallel``), frozen heads may be sharded the same way or precomputed.
 - Dropout is disabled in the policy and every frozen model (``disable_dropout=True``, as the official
   trainer does): two evaluations of one batch give one loss.
 - Logged metrics: loss, mean Δs (strong log-ratio), mean Δw (weak log-ratio), the implicit reward
@@ -37,7 +40,8 @@ def count_sequences(labels: torch.Tensor) -> int:
 
 class WSPOTrainer(Trainer):
     def __init__(self, model=None, args=None, *, gamma=0.1, ref_model=None, weak_aligned_model=None,
-                 weak_base_model=None, backend=None, data_collator=None, disable_dropout=True, **kwargs):
+                 weak_base_model=None, backend=None, data_collator=None, disable_dropout=True, vocab_group=None,
+                 **kwargs):
         if args is not None:
             args.remove_unused_columns = False  # the precomputed logps columns must reach compute_loss
         if data_collator is None:
@@ -49,6 +53,7 @@ class WSPOTrainer(Trainer):
         check_supported(model)
         self.gamma = check_gamma(gamma)
         self.backend = backend
+        self.vocab_group = vocab_group   # tensor-parallel heads: each rank's lm_head holds a vocabulary shard
         self.frozen_models = {}
         for role, m in zip(ROLES, (ref_model, weak_aligned_model, weak_base_model)):
             if m is not None:
@@ -130,7 +135,7 @@ class WSPOTrainer(Trainer):
             (self._hold_gathered or here).enter_context(gathered_for_loss(heads))
             out = linear_wspo_loss(hidden, weight, inputs["labels"], bias=bias, gamma=self.gamma,
                                    normalizer=self._normalizer(model), return_metrics=True, backend=self.backend,
-                                   **frozen)
+                                   vocab_group=self.vocab_group, **frozen)
         self._record(out, "train" if model.training else "eval")
         return (out.loss, {"policy_logps": out.policy_logps}) if return_outputs else out.loss
 
