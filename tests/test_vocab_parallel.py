@@ -107,7 +107,7 @@ def _linear_cases(rank, world, backend, dtype, group):
     s_strong, s_weak = _sizes(V_STRONG, world), _sizes(V_WEAK, world)
     shard = {n: tuple(_mine(t, s_strong if n in ("policy", "ref") else s_weak, rank, dim=0) for t in wb)
              for n, wb in heads.items()}
-    for reduction in ("mean", "none"):
+    for reduction in ("mean", "sum", "none"):
         leaves_full = [hidden["policy"].clone().requires_grad_(), heads["policy"][0].clone().requires_grad_(),
                        heads["policy"][1].clone().requires_grad_()]
         leaves_mine = [hidden["policy"].clone().requires_grad_(), shard["policy"][0].clone().requires_grad_(),
