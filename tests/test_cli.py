@@ -462,7 +462,8 @@ def test_deepspeed_zero3_config_runs(tmp_path, ckpt):
     pytest.importorskip("deepspeed")
     paths, data = ckpt
     ds_config = tmp_path / "ds_z3.json"
-    ds_config.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
+    ds_config.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                                     "train_micro_batch_size_per_gpu": "auto",
                                      "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
                                      "gradient_clipping": "auto"}))
     config = write_config(tmp_path / "c.yaml", paths, data, tmp_path / "out", f"deepspeed: {ds_config}")

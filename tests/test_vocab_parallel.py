@@ -102,6 +102,29 @@ def _logits_cases(rank, world, backend, dtype, group):
             _close(mine.grad, expected, dtype, what + " grad")
 
 
+def _edge_cases(rank, world, backend, dtype, group):
+    """A non-negative ignore_index (a pad id); a row whose every logit on one shard is -inf."""
+    labels, logits, _, _ = _inputs(dtype)
+    sizes = _sizes(V_STRONG, world)
+    x = logits["policy"].clone()
+    x[0, 3, : sizes[0]] = float("-inf")            # rank 0's part of the row: all -inf
+    labels = labels.clone()
+    labels[0, 4] = sizes[0] + 1                     # its label lives on rank 1
+    labels[1, 2] = 3                                # ignored when the pad id 3 is the ignore_index
+    for ignore_index in (-100, 3):
+        labels = labels.masked_fill(labels == -100, ignore_index)
+        full = x.clone().requires_grad_()
+        mine = _mine(x, sizes, rank).clone().requires_grad_()
+        want = wk.token_logprobs(full, labels, shift=True, ignore_index=ignore_index, backend=backend)
+        got = wk.token_logprobs(mine, labels, shift=True, ignore_index=ignore_index, vocab_group=group,
+                                backend=backend)
+        check_loss(got, want, dtype, f"token_logprobs ignore_index={ignore_index}")
+        want.sum().backward()
+        got.sum().backward()
+        assert torch.isfinite(mine.grad).all()
+        _close(mine.grad, _mine(full.grad, sizes, rank), dtype, f"logprobs grad ignore_index={ignore_index}")
+
+
 def _linear_cases(rank, world, backend, dtype, group):
     labels, _, hidden, heads = _inputs(dtype)
     s_strong, s_weak = _sizes(V_STRONG, world), _sizes(V_WEAK, world)
@@ -148,6 +171,7 @@ def _worker(rank, world, port, backends):
         for backend in backends:
             for dtype in (torch.float32,) if backend == "triton" else (torch.float32, torch.bfloat16):
                 _logits_cases(rank, world, backend, dtype, group)
+                _edge_cases(rank, world, backend, dtype, group)
                 _linear_cases(rank, world, backend, dtype, group)
     finally:
         dist.destroy_process_group()
@@ -177,6 +201,9 @@ def _error_worker(rank, world, port):
             ("labels that differ between ranks", lambda: wk.token_logprobs(
                 mine, differ, vocab_group=dist.group.WORLD),
              "labels differ between the ranks"),
+            ("a shape error on one rank", lambda: wk.token_logprobs(
+                mine[:, 1:] if rank else mine, labels, vocab_group=dist.group.WORLD),
+             "must have shape" if rank else "rank\\(s\\) \\[1\\] of vocab_group rejected their inputs"),
             ("inplace_grad", lambda: wk.wspo_loss(mine.requires_grad_(), labels, ref=mine, weak_aligned=mine,
                                                   weak_base=mine, inplace_grad=True, vocab_group=dist.group.WORLD),
              "inplace_grad=True is not supported with vocab_group"),

@@ -51,21 +51,17 @@ def _linear_rows(hidden, weight, bias, layout, name):
     return hidden.reshape(-1, hidden.shape[-1])
 
 
-def _frozen(x, layout, name, backend, vocab_group=None):
-    """A frozen model's input as ('logits', [N, V] rows, name) or ('logps', [N] float, name)."""
+def _frozen(x, layout, name, vocab_group=None):
+    """A frozen model's input, checked: ('logits', [N, V] rows, name), ('linear', (h [N, H], weight, bias),
+    name) or ('logps', [N] float, name).  Nothing is computed yet (``_logps_of`` does)."""
     if isinstance(x, (tuple, list)):
         if len(x) not in (2, 3):
             raise ValueError(f"{name} as a tuple must be (hidden, weight) or (hidden, weight, bias)")
         hidden, weight, bias = (*x, None)[:3]
         h = _linear_rows(hidden, weight, bias, layout, name)
-        bias = None if bias is None else bias.detach()
-        with torch.no_grad():
-            if vocab_group is not None:
-                return "logps", vocab_parallel.linear_logprobs(h.detach(), weight.detach(), bias, layout.labels,
-                                                               layout.ignore_index, backend, vocab_group, name), name
+        if vocab_group is None:  # sharded: checked against the global vocabulary by vocab_parallel
             check_labels_range(layout.labels, layout.ignore_index, **{name: weight.shape[0]})  # names the model
-            return "logps", ops.linear_logprobs(h.detach(), weight.detach(), bias, layout.labels,
-                                                layout.ignore_index, backend)[0], name
+        return "linear", (h.detach(), weight.detach(), None if bias is None else bias.detach()), name
     check_float(x, name)
     check_same_device(layout.labels, **{name: x})
     x = x.detach()
@@ -83,6 +79,12 @@ def _logps_of(frozen, layout, backend, vocab_group=None):
     kind, value, name = frozen
     if kind == "logps":
         return value
+    if kind == "linear":
+        with torch.no_grad():
+            if vocab_group is not None:
+                return vocab_parallel.linear_logprobs(*value, layout.labels, layout.ignore_index, backend, vocab_group,
+                                                      name)
+            return ops.linear_logprobs(*value, layout.labels, layout.ignore_index, backend)[0]
     if vocab_group is not None:
         with torch.no_grad():
             return vocab_parallel.logprobs(value, layout.labels, layout.ignore_index, backend, vocab_group, name)
@@ -93,8 +95,8 @@ def _logps_of(frozen, layout, backend, vocab_group=None):
         return ops.logprobs(value, layout.labels, layout.ignore_index, backend)[0]
 
 
-def _frozen_all(ref, weak_aligned, weak_base, layout, backend, vocab_group=None):
-    return tuple(_frozen(x, layout, name, backend, vocab_group)
+def _frozen_all(ref, weak_aligned, weak_base, layout, vocab_group=None):
+    return tuple(_frozen(x, layout, name, vocab_group)
                  for x, name in ((ref, "ref"), (weak_aligned, "weak_aligned"), (weak_base, "weak_base")))
 
 
@@ -144,9 +146,10 @@ def token_logprobs(logits, labels, *, ignore_index=-100, shift=False, cu_seqlens
     softmax from the saved log-sum-exp; no probabilities are stored).  ``vocab_group``: a process group
     across which the vocabulary is sharded (``logits`` is this rank's shard; see ``vocab_parallel``).
     """
-    check_choice(backend)
-    layout = make_layout(labels, shift=shift, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
-    rows = rows_of(logits, layout, "logits")
+    with vocab_parallel.agreed(vocab_group):  # every rank passes its checks, or every rank raises
+        check_choice(backend)
+        layout = make_layout(labels, shift=shift, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
+        rows = rows_of(logits, layout, "logits")
     return layout.to_user(_policy_logps(rows, layout, backend or "", vocab_group, "logits"))
 
 
@@ -164,10 +167,11 @@ def linear_token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-10
     ``vocab_group``, ``weight`` / ``bias`` are this rank's vocabulary shard and the gradient of the
     replicated ``hidden`` is summed over the group (``reduce_hidden_grad=False``: the caller sums it).
     """
-    check_choice(backend)
-    check_flag(reduce_hidden_grad, "reduce_hidden_grad")
-    layout = make_layout(labels, shift=shift, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
-    h = _linear_rows(hidden, weight, bias, layout, "linear_token_logprobs")
+    with vocab_parallel.agreed(vocab_group):
+        check_choice(backend)
+        check_flag(reduce_hidden_grad, "reduce_hidden_grad")
+        layout = make_layout(labels, shift=shift, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
+        h = _linear_rows(hidden, weight, bias, layout, "linear_token_logprobs")
     return layout.to_user(_policy_linear_logps(h, weight, bias, layout, backend or "", vocab_group, reduce_hidden_grad))
 
 
@@ -184,10 +188,11 @@ def weak_log_ratio(aligned_logits, base_logits, labels, *, ignore_index=-100, sh
 
     The weak models are frozen: the result carries no gradient.
     """
-    check_choice(backend)
-    layout = make_layout(labels, shift=shift, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
-    a = rows_of(aligned_logits, layout, "aligned_logits").detach()
-    w = rows_of(base_logits, layout, "base_logits").detach()
+    with vocab_parallel.agreed(vocab_group):
+        check_choice(backend)
+        layout = make_layout(labels, shift=shift, ignore_index=ignore_index, cu_seqlens=cu_seqlens)
+        a = rows_of(aligned_logits, layout, "aligned_logits").detach()
+        w = rows_of(base_logits, layout, "base_logits").detach()
     if vocab_group is not None:
         with torch.no_grad():
             return layout.to_user(_policy_logps(a, layout, backend or "", vocab_group, "aligned_logits")
@@ -220,14 +225,16 @@ def wspo_loss(policy_logits, labels, *, ref, weak_aligned, weak_base, gamma=0.1,
     frozen logits / lm_heads are this rank's shards (frozen logps are replicated).  The gradient is then
     computed in the backward pass (after the per-row statistics are combined); not with ``inplace_grad``.
     """
-    check_flag(return_metrics, "return_metrics")
-    check_flag(inplace_grad, "inplace_grad")
-    if inplace_grad and vocab_group is not None:
-        raise ValueError("inplace_grad=True is not supported with vocab_group (the gradient needs the whole row's "
-                         "statistics, known only after the all-reduce)")
-    gamma, normalizer, layout = _prepare(labels, gamma, ignore_index, shift, reduction, normalizer, cu_seqlens,
-                                         backend)
-    policy = rows_of(policy_logits, layout, "policy_logits")
+    with vocab_parallel.agreed(vocab_group):
+        check_flag(return_metrics, "return_metrics")
+        check_flag(inplace_grad, "inplace_grad")
+        if inplace_grad and vocab_group is not None:
+            raise ValueError("inplace_grad=True is not supported with vocab_group (the gradient needs the whole "
+                             "row's statistics, known only after the all-reduce)")
+        gamma, normalizer, layout = _prepare(labels, gamma, ignore_index, shift, reduction, normalizer, cu_seqlens,
+                                             backend)
+        policy = rows_of(policy_logits, layout, "policy_logits")
+        r, a, w = _frozen_all(ref, weak_aligned, weak_base, layout, vocab_group)
     backend = backend or ""
     acc = acc_dtype(policy)
     w_t = layout.token_weights(reduction, normalizer, acc)
@@ -237,7 +244,6 @@ def wspo_loss(policy_logits, labels, *, ref, weak_aligned, weak_base, gamma=0.1,
     # would be scaled, and in bf16/fp16 rounded, a second time.  So "none" backprops through the
     # policy's logps (one rounding), unless the gradient has to be written in place.
     grad_in_forward = vocab_group is None and (reduction != "none" or in_place or not compute_grad)
-    r, a, w = _frozen_all(ref, weak_aligned, weak_base, layout, backend, vocab_group)
     one_pass = grad_in_forward and r[0] == a[0] == w[0] == "logits"
     if one_pass:
         lr = delta_w = None  # come out of the kernel
@@ -280,15 +286,16 @@ def linear_wspo_loss(policy_hidden, lm_head_weight, labels, *, ref, weak_aligned
     shards; the gradient of the replicated hidden states is summed over the group unless
     ``reduce_hidden_grad=False`` (a framework that reduces it itself, as Megatron's tensor-parallel regions).
     """
-    check_flag(return_metrics, "return_metrics")
-    check_flag(reduce_hidden_grad, "reduce_hidden_grad")
-    gamma, normalizer, layout = _prepare(labels, gamma, ignore_index, shift, reduction, normalizer, cu_seqlens,
-                                         backend)
-    h = _linear_rows(policy_hidden, lm_head_weight, bias, layout, "policy")
+    with vocab_parallel.agreed(vocab_group):
+        check_flag(return_metrics, "return_metrics")
+        check_flag(reduce_hidden_grad, "reduce_hidden_grad")
+        gamma, normalizer, layout = _prepare(labels, gamma, ignore_index, shift, reduction, normalizer, cu_seqlens,
+                                             backend)
+        h = _linear_rows(policy_hidden, lm_head_weight, bias, layout, "policy")
+        r, a, w = _frozen_all(ref, weak_aligned, weak_base, layout, vocab_group)
     backend = backend or ""
     acc = acc_dtype(h)
     w_t = layout.token_weights(reduction, normalizer, acc)
-    r, a, w = _frozen_all(ref, weak_aligned, weak_base, layout, backend, vocab_group)
     lr, delta_w = _frozen_terms_from(r, a, w, layout, backend, vocab_group)
     k = _policy_constant(gamma, lr, delta_w, layout, acc)
     if reduction == "none" or vocab_group is not None:  # backprop through the logps

@@ -22,8 +22,10 @@ all-reduced here unless the caller's framework reduces it itself (``reduce_hidde
 Megatron's column-parallel region).  Before any data-dependent collective, one all-gather of a few
 integers per rank (shard size, dtype, row count, a label checksum) gives every rank the same view,
 so a bad input (labels outside the global vocabulary, labels or dtypes that differ between ranks,
-an empty shard) raises the same error on every rank instead of hanging some of them.
+an empty shard) raises the same error on every rank instead of hanging some of them; the public
+functions run their local checks inside ``agreed(group)``, so a shape error on one rank fails all.
 """
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -33,6 +35,34 @@ from . import ops
 from ._inputs import acc_dtype, check_labels_range
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class _Agreed:
+    def __init__(self, group):
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("vocab_group needs torch.distributed to be initialised (init_process_group)")
+        self.group = group
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        nccl = dist.get_backend(self.group) == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        flag = torch.tensor([error is not None], dtype=torch.int32, device=device)
+        flags = [torch.empty_like(flag) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(flags, flag, group=self.group)
+        bad = [i for i, f in enumerate(flags) if f.item()]
+        if error is None and bad:
+            raise ValueError(f"rank(s) {bad} of vocab_group rejected their inputs (their error says why)")
+        return False  # this rank's own error propagates
+
+
+def agreed(group):
+    """Local input checks (shapes, dtypes, options) that every rank of ``group`` passes or fails together:
+    an error on one rank is announced by one all-gather of a flag before any collective that depends
+    on the data, and every rank raises, so none is left waiting.  A no-op without a group."""
+    return contextlib.nullcontext() if group is None else _Agreed(group)
 
 
 class Shard(NamedTuple):
@@ -47,8 +77,6 @@ def _checksum(labels):
 
 def shard_of(group, v_local: int, dtype: torch.dtype, labels: torch.Tensor, ignore_index: int, name: str) -> Shard:
     """This rank's place in the global vocabulary, checked identically on every rank (one small all-gather)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError(f"{name}: vocab_group needs torch.distributed to be initialised (init_process_group)")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     mine = torch.stack([torch.tensor(v_local, device=labels.device), torch.tensor(_DTYPES.index(dtype), device=labels.device),
                         torch.tensor(labels.numel(), device=labels.device), _checksum(labels)]).to(torch.int64)
@@ -69,12 +97,17 @@ def shard_of(group, v_local: int, dtype: torch.dtype, labels: torch.Tensor, igno
     return Shard(offset=sum(sizes[:rank]), vocab=vocab)
 
 
+KERNEL_IGNORE = -1     # the kernels' ignore marker: never a local id (the caller's ignore_index may be one)
+Z_LABEL_ROWS = 1 << 22  # hidden elements per block when the linear form gathers its label logits
+
+
 def _local_labels(labels, ignore_index, offset, v_local):
-    """(labels within the shard, owned): a row whose label lives elsewhere names column 0."""
+    """(labels within the shard for the kernels, owned, valid): a row whose label lives elsewhere names
+    column 0; an ignored row is KERNEL_IGNORE."""
     local = labels - offset
     valid = labels != ignore_index
     owned = valid & (local >= 0) & (local < v_local)
-    lab = torch.where(owned, local, torch.where(valid, torch.zeros_like(local), labels))
+    lab = torch.where(owned, local, torch.where(valid, torch.zeros_like(local), torch.full_like(local, KERNEL_IGNORE)))
     return lab, owned, valid
 
 
@@ -84,7 +117,9 @@ def _combine(stats, z, owned, valid, group):
     big_m = m.clone()
     dist.all_reduce(big_m, op=dist.ReduceOp.MAX, group=group)
     zero = torch.zeros_like(m)
-    sums = torch.stack([torch.where(owned, r, s) * torch.exp(m - big_m), torch.where(owned, z, zero)])
+    # A shard whose row is all -inf (m = -inf) adds nothing; its s is exp(-inf + inf) = NaN, not 0.
+    part = torch.where(m == float("-inf"), zero, torch.where(owned, r, s) * torch.exp(m - big_m))
+    sums = torch.stack([part, torch.where(owned, z, zero)])
     dist.all_reduce(sums, group=group)
     rest, z_y = sums.unbind(0)
     total = rest + torch.exp(z_y - big_m)
@@ -106,23 +141,35 @@ def _logit_at(rows, index):
     return rows[i, index]
 
 
+def _linear_logit_at(hidden, weight, bias, index, acc):
+    """h_i . W[index_i] + b[index_i] in ``acc``, a block of rows at a time (memory flat in N)."""
+    out = torch.empty(index.shape[0], dtype=acc, device=hidden.device)
+    step = max(1, Z_LABEL_ROWS // max(1, hidden.shape[-1]))
+    for r0 in range(0, index.shape[0], step):
+        r = slice(r0, r0 + step)
+        out[r] = torch.linalg.vecdot(hidden[r].to(acc), weight[index[r]].to(acc))
+        if bias is not None:
+            out[r] += bias[index[r]].to(acc)
+    return out
+
+
 class LogProbs(torch.autograd.Function):
     """Label log-probs of vocab-sharded logits rows; gradient w.r.t. this rank's shard."""
 
     @staticmethod
     def forward(ctx, rows, labels, ignore_index, backend, group, shard):
         lab, owned, valid = _local_labels(labels, ignore_index, shard.offset, rows.shape[-1])
-        stats = ops.logprobs(rows, lab, ignore_index, backend)[1]
+        stats = ops.logprobs(rows, lab, KERNEL_IGNORE, backend)[1]
         z = _logit_at(rows, lab.clamp_min(0)).to(stats.dtype)
         logp, backward_stats = _combine(stats, z, owned, valid, group)
         ctx.save_for_backward(rows, lab, backward_stats)
-        ctx.ignore_index, ctx.backend = ignore_index, backend
+        ctx.backend = backend
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
         rows, lab, stats = ctx.saved_tensors
-        grad = ops.logprobs_backward(grad_logp.contiguous(), rows, lab, stats, ctx.ignore_index, ctx.backend)
+        grad = ops.logprobs_backward(grad_logp.contiguous(), rows, lab, stats, KERNEL_IGNORE, ctx.backend)
         return grad, None, None, None, None, None
 
 
@@ -133,29 +180,25 @@ class LinearLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, backend, group, shard, reduce_hidden_grad):
         lab, owned, valid = _local_labels(labels, ignore_index, shard.offset, weight.shape[0])
-        stats = ops.linear_logprobs(hidden, weight, bias, lab, ignore_index, backend)[1]
+        stats = ops.linear_logprobs(hidden, weight, bias, lab, KERNEL_IGNORE, backend)[1]
         acc = acc_dtype(hidden, weight)
-        idx = lab.clamp_min(0)
-        z = (hidden.to(acc) * weight[idx].to(acc)).sum(-1)  # the label's logit (N x H: one row per token)
-        if bias is not None:
-            z = z + bias[idx].to(acc)
+        z = _linear_logit_at(hidden, weight, bias, lab.clamp_min(0), acc)
         logp, backward_stats = _combine(stats.to(acc), z, owned, valid, group)
         ctx.save_for_backward(hidden, weight, bias, lab, backward_stats)
-        ctx.ignore_index, ctx.backend, ctx.group, ctx.reduce = ignore_index, backend, group, reduce_hidden_grad
+        ctx.backend, ctx.group, ctx.reduce = backend, group, reduce_hidden_grad
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
         hidden, weight, bias, lab, stats = ctx.saved_tensors
         need = ctx.needs_input_grad
-        # Each shard's share of dh in the accumulation dtype (the kernels compute it there anyway), so the
-        # sum over the group rounds a bf16 / fp16 gradient once, as one process does.
-        h = hidden.to(stats.dtype) if need[0] and ctx.reduce else hidden
-        dh, dw, db = ops.linear_logprobs_backward(grad_logp.contiguous(), h, weight, bias, lab, stats,
-                                                  ctx.ignore_index, need[0], need[1] or need[2], ctx.backend)
+        dh, dw, db = ops.linear_logprobs_backward(grad_logp.contiguous(), hidden, weight, bias, lab, stats,
+                                                  KERNEL_IGNORE, need[0], need[1] or need[2], ctx.backend)
         if need[0] and ctx.reduce:
-            dist.all_reduce(dh, group=ctx.group)
-            dh = dh.to(hidden.dtype)
+            # Summed in fp32: each shard's share is rounded to the hidden dtype once, the sum once more.
+            total = dh.to(stats.dtype)
+            dist.all_reduce(total, group=ctx.group)
+            dh = total.to(hidden.dtype)
         return (dh if need[0] else None, dw if need[1] else None, db if need[2] else None) + (None,) * 6
 
 
@@ -165,7 +208,5 @@ def logprobs(rows, labels, ignore_index, backend, group, name):
 
 
 def linear_logprobs(hidden, weight, bias, labels, ignore_index, backend, group, name, reduce_hidden_grad=True):
-    if bias is not None and bias.dtype != weight.dtype:
-        raise ValueError(f"{name}: bias dtype {bias.dtype} differs from weight dtype {weight.dtype}")
     shard = shard_of(group, weight.shape[0], weight.dtype, labels, ignore_index, name)
     return LinearLogProbs.apply(hidden, weight, bias, labels, ignore_index, backend, group, shard, reduce_hidden_grad)

@@ -94,15 +94,17 @@ class WSPOTrainer(Trainer):
         # ZeRO-3: compute_loss gathers the heads into this stack, so that they stay gathered through the
         # backward and the policy head's gradient accumulates into the full parameter, which ZeRO-3 then
         # reduce-scatters as it does for any module.
-        with contextlib.ExitStack() as self._hold_gathered:
-            with self.compute_loss_context_manager():
-                loss = self.compute_loss(model, inputs)
-            if self._num_sequences is None:  # no step-wide count (older Trainer): per-micro-batch means
-                loss = loss / self.args.gradient_accumulation_steps
-            # The loss is already normalised for the whole step: DeepSpeed must not divide it by the
-            # accumulation steps again (its engine does by default).
-            self.accelerator.backward(loss, **({"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}))
-        self._hold_gathered = None
+        try:
+            with contextlib.ExitStack() as self._hold_gathered:
+                with self.compute_loss_context_manager():
+                    loss = self.compute_loss(model, inputs)
+                if self._num_sequences is None:  # no step-wide count (older Trainer): per-micro-batch means
+                    loss = loss / self.args.gradient_accumulation_steps
+                # The loss is already normalised for the whole step: DeepSpeed must not divide it by the
+                # accumulation steps again (its engine does by default).
+                self.accelerator.backward(loss, **({"scale_wrt_gas": False} if self.is_deepspeed_enabled else {}))
+        finally:
+            self._hold_gathered = None
         return loss.detach()
 
     # ------------------------------------------------------------------ the loss
