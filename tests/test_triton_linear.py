@@ -90,3 +90,18 @@ def test_launches_run_under_the_operands_device():
         assert launches, module.__name__
         unguarded = [ast.unparse(n.func) for n in launches if id(n) not in guarded]
         assert not unguarded, f"{module.__name__}: launches outside device_guard: {unguarded}"
+
+
+def test_fp32_dot_precision_follows_torch_matmul_setting():
+    """IEEE fp32 unless the user allowed TF32 for matmuls, as cuBLAS does; low-precision inputs are unaffected."""
+    from wspo_kernels.backends import triton_linear
+    h, w = torch.randn(3, 8), torch.randn(5, 8)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert triton_linear._operands(h, w, None)[1]["IEEE"]
+        torch.set_float32_matmul_precision("high")
+        assert not triton_linear._operands(h, w, None)[1]["IEEE"]
+        assert not triton_linear._operands(h.bfloat16(), w.bfloat16(), None)[1]["IEEE"]
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -24,7 +24,10 @@ Saved: nothing but the statistics [2, N] (and the caller's c_t).  Extra memory: 
 dH / dW accumulators.  The atomic accumulation order varies from run to run (last-bit differences);
 under ``torch.use_deterministic_algorithms(True)`` or ``WSPO_KERNELS_LINEAR=chunked`` the chunked path
 (``chunked_linear``: a bounded chunk of logits, GEMMs in a fixed order) runs instead.
-fp32 inputs use IEEE-exact fp32 dot products (no TF32).
+fp32 inputs use IEEE fp32 dot products unless the user allowed TF32 for matmuls
+(``torch.backends.cuda.matmul.allow_tf32 = True`` or ``torch.set_float32_matmul_precision("high")``), as
+cuBLAS does: then tf32 (10-bit mantissa inputs, fp32 accumulation: logits off by about 1e-3 relative,
+outside the documented 1e-5 fp32 tolerance, so it is opt-in, exactly like PyTorch's own matmuls).
 """
 import torch
 import triton
@@ -144,7 +147,8 @@ def _operands(hidden, weight, bias):
     b = None if bias is None else bias.to(dtype)
     args = (h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1),
             h if b is None else b, 0 if b is None else b.stride(0))
-    meta = dict(HAS_BIAS=b is not None, BLOCK_M=BLOCK_M, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K, IEEE=dtype == torch.float32)
+    ieee = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32  # follows torch's matmul setting
+    meta = dict(HAS_BIAS=b is not None, BLOCK_M=BLOCK_M, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K, IEEE=ieee)
     return args, meta
 
 

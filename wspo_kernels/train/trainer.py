@@ -17,7 +17,8 @@
 - Logged metrics: loss, mean Δs (strong log-ratio), mean Δw (weak log-ratio), the implicit reward
   γ·Δs, mean policy logp, each over response tokens; and, under the official trainer's names and
   definitions (per micro-batch means over the padded ``[B, T-1]`` grid, averaged over the logging
-  window), ``rewards/chosen`` = γ·logp and ``logps/chosen``.
+  window), ``rewards/chosen`` = γ·logp and ``logps/chosen``.  Every metric is summed over the
+  data-parallel ranks before it is logged.
 """
 import contextlib
 from collections import defaultdict
@@ -31,6 +32,7 @@ from .data import IGNORE_INDEX, LOGPS_COLUMNS, WSPODataCollator
 from .model_io import check_supported, disable_dropout_in, gathered_for_loss, lm_head_inputs
 
 ROLES = ("ref", "weak_aligned", "weak_base")
+METRICS = ("tokens", "delta_strong", "delta_weak", "policy_logps", "micro_batches", "grid_logps")
 
 
 def count_sequences(labels: torch.Tensor) -> int:
@@ -154,7 +156,13 @@ class WSPOTrainer(Trainer):
 
     def log(self, logs, *args, **kwargs):
         split = "train" if self.model.training else "eval"
-        store = {k: float(v) for k, v in self._metrics[split].items()}
+        store = self._metrics[split]
+        # One tensor of the window's sums, summed over the data-parallel ranks (every rank logs), one read.
+        dtype = torch.float32 if self.args.device.type == "mps" else torch.float64  # MPS has no float64
+        sums = torch.stack([torch.as_tensor(store.get(k, 0.0), dtype=dtype, device=self.args.device) for k in METRICS])
+        if self.args.world_size > 1:
+            sums = self.accelerator.reduce(sums, reduction="sum")
+        store = dict(zip(METRICS, sums.tolist()))
         self._metrics[split].clear()
         prefix = "eval_" if split == "eval" else ""
         if store.get("tokens", 0) > 0:
