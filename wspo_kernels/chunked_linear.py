@@ -8,10 +8,14 @@ Ignored rows have a zero gradient row, and their hidden states are zeroed before
 NaN or inf there (0 * NaN = NaN) never reaches dW.  Mixed dtypes compute in the promoted
 accumulation dtype (fp16 hidden with an fp32 weight: fp32).
 
-Peak extra memory is one chunk of fp32 logits plus the fp32 dW/db accumulators: flat in N.  A chunk
-is ``LINEAR_CHUNK_ELEMS`` logits (64 MB; ``WSPO_KERNELS_LINEAR_CHUNK_MB`` sets it) but at least
-``MIN_CHUNK_ROWS`` rows: skinny GEMMs are slow on CPUs (at V=32000, H=512: 131-row chunks ran 16%
-slower than 524-row ones on 2 Zen 4 cores), so a large vocabulary gets a larger chunk, not fewer rows.
+Peak extra memory is one chunk of fp32 logits plus the fp32 dW/db accumulators: flat in N.  On the
+CPU a chunk is ``LINEAR_CHUNK_ELEMS`` logits (64 MB) but at least ``MIN_CHUNK_ROWS`` rows: skinny GEMMs
+are slow on CPUs (at V=32000, H=512: 131-row chunks ran 16% slower than 524-row ones on 2 Zen 4 cores),
+so a large vocabulary gets a larger chunk, not fewer rows.  On a GPU chunks are sized as Liger sizes
+them, the next power of two of N / ceil(V / H) rows (a chunk of logits about the size of the hidden
+states: 256 rows, 131 MB, at N=8192, H=4096, V=128256), at least ``MIN_CHUNK_ROWS``: GEMMs with a few
+dozen rows leave a GPU idle and stream the whole weight once per chunk.  ``WSPO_KERNELS_LINEAR_CHUNK_MB``
+sets the chunk's size in MB of fp32 logits on either.
 ``linear_wspo`` writes the gradient in the forward pass (it needs the reduced loss to be a scalar:
 the backward then only scales dh, dW, db); ``linear_logprobs`` saves only the per-row statistics and
 recomputes each chunk's logits in its backward.
@@ -27,11 +31,14 @@ MIN_CHUNK_ROWS = 256
 CHUNK_ENV_VAR = "WSPO_KERNELS_LINEAR_CHUNK_MB"
 
 
-def _chunks(n_rows: int, vocab: int):
-    budget = LINEAR_CHUNK_ELEMS
+def _chunks(n_rows: int, vocab: int, hidden_size: int = 0, device_type: str = "cpu"):
     if os.environ.get(CHUNK_ENV_VAR):
-        budget = int(float(os.environ[CHUNK_ENV_VAR]) * 2 ** 20) // 4
-    step = max(1, MIN_CHUNK_ROWS, budget // vocab)
+        step = max(1, int(float(os.environ[CHUNK_ENV_VAR]) * 2 ** 20) // 4 // vocab)
+    elif device_type == "cuda" and hidden_size:
+        rows = -(-n_rows // -(-vocab // hidden_size))
+        step = max(MIN_CHUNK_ROWS, 1 << max(0, rows - 1).bit_length())
+    else:
+        step = max(MIN_CHUNK_ROWS, LINEAR_CHUNK_ELEMS // vocab)
     for r0 in range(0, n_rows, step):
         yield slice(r0, min(r0 + step, n_rows))
 
@@ -51,7 +58,7 @@ def linear_logprobs(rows, hidden, weight, bias, labels, ignore_index):
     n = hidden.shape[0]
     logp = torch.empty(n, dtype=acc, device=hidden.device)
     stats = torch.empty(STATS_ROWS, n, dtype=acc, device=hidden.device)
-    for r in _chunks(n, weight.shape[0]):
+    for r in _chunks(n, weight.shape[0], hidden.shape[1], hidden.device.type):
         logp[r], stats[:, r] = rows.logprobs(_logits(hidden[r], w_acc, b_acc), labels[r], ignore_index)
     return logp, stats
 
@@ -86,7 +93,7 @@ def linear_logprobs_backward(rows, grad_logp, hidden, weight, bias, labels, stat
     acc = _acc(hidden, weight)
     w_acc, b_acc = _upcast(weight, bias, acc)
     dh, dw, db = _grad_buffers(hidden, weight, bias, acc, grad_hidden, grad_weight)
-    for r in _chunks(hidden.shape[0], weight.shape[0]):
+    for r in _chunks(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.device.type):
         z = _logits(hidden[r], w_acc, b_acc)
         g = rows.logprobs_backward(z, labels[r], stats[:, r], grad_logp[r], ignore_index, out=z)
         _accumulate(g, hidden[r], labels[r], ignore_index, w_acc, dh, dw, db, r)
@@ -102,7 +109,7 @@ def linear_wspo(rows, hidden, weight, bias, labels, k, weight_t, gamma, ignore_i
     loss = torch.zeros((), dtype=acc, device=hidden.device)
     compute_grad = grad_hidden or grad_weight
     dh, dw, db = _grad_buffers(hidden, weight, bias, acc, grad_hidden, grad_weight)
-    for r in _chunks(n, weight.shape[0]):
+    for r in _chunks(n, weight.shape[0], hidden.shape[1], hidden.device.type):
         z = _logits(hidden[r], w_acc, b_acc)
         loss_r, logp[r] = rows.wspo_rows(z, labels[r], k[r], weight_t[r], gamma, ignore_index,
                                          z if compute_grad else None)
