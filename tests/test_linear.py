@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import wspo_kernels as wk
-from wspo_kernels import chunked_linear
+from wspo_kernels import chunked_linear, ops
 from wspo_kernels.reference import reference_token_logprobs, reference_wspo_loss
 
 from helpers import backend_params, check_grad, check_loss, make_labels
@@ -76,6 +76,17 @@ def test_linear_wspo_loss(backend, dtype, case, reduction, monkeypatch):
         low_loss, low_leaves = _reference(models, labels, shift, reduction, dtype=dtype)
         low_grads = torch.autograd.grad(low_loss, low_leaves, up.to(dtype))
     _check_grads(grads, ref_grads, low_grads, dtype)
+
+
+@pytest.mark.parametrize("backend,dtype", backend_params((torch.bfloat16, torch.float16)))
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gpu_gemm_precision_on_the_cpu(backend, dtype, case, reduction, monkeypatch):
+    """The chunked path's GPU numbers (bf16 / fp16 GEMMs with fp32 results, G rounded to the inputs' dtype
+    for the gradient GEMMs), computed on the CPU: within the same tolerances."""
+    monkeypatch.setattr(chunked_linear, "EMULATE_LOWP_GEMMS", True)
+    monkeypatch.setenv(ops.LINEAR_ENV_VAR, "chunked")
+    test_linear_wspo_loss(backend, dtype, case, reduction, monkeypatch)
 
 
 @pytest.mark.parametrize("backend,dtype", backend_params())

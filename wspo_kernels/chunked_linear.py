@@ -1,8 +1,15 @@
 """Linear (hidden-state) forms: logits computed a chunk of rows at a time, never all N at once.
 
-    z_c = h_c W^T + b          (fp32 GEMM of one chunk of rows; W upcast once per call)
+    z_c = h_c W^T + b          (one chunk of rows; fp32 results)
     row kernels of the chosen backend on z_c (statistics, label logit, gradient written over z_c)
     dh_c = G_c W,   dW += G_c^T h_c,   db += sum_rows G_c          (fp32 accumulation of dW, db)
+
+GEMMs (``_Gemms``): bf16 / fp16 hidden states and head of one dtype on a GPU run as they are, on tensor
+cores, with fp32 accumulation and fp32 results (``torch.mm(..., out_dtype=torch.float32)``, torch >=
+2.8), G_c rounded to that dtype for the two gradient GEMMs (as Liger and the fused Triton kernel do);
+nothing of the weight's size is copied.  Elsewhere (CPU, fp32, mixed dtypes, older torch) the weight is
+upcast once per call and the GEMMs run in the accumulation dtype; ``EMULATE_LOWP_GEMMS = True`` computes
+the GPU's numbers that way (G_c rounded; the tests check them on the CPU).
 
 Ignored rows have a zero gradient row, and their hidden states are zeroed before the dW GEMM, so
 NaN or inf there (0 * NaN = NaN) never reaches dW.  Mixed dtypes compute in the promoted
@@ -43,35 +50,56 @@ def _chunks(n_rows: int, vocab: int, hidden_size: int = 0, device_type: str = "c
         yield slice(r0, min(r0 + step, n_rows))
 
 
-def _logits(h_c, w_acc, b_acc):
-    z = h_c.to(w_acc.dtype) @ w_acc.t()
-    return z if b_acc is None else z.add_(b_acc)
+_HAS_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=): torch >= 2.8
+EMULATE_LOWP_GEMMS = False
 
 
-def _upcast(weight, bias, acc):
-    return weight.to(acc), None if bias is None else bias.to(acc)
+class _Gemms:
+    """The three GEMMs of one call, in the precision described in the module docstring."""
+
+    def __init__(self, hidden, weight, bias):
+        emulate = EMULATE_LOWP_GEMMS
+        self.acc = _acc(hidden, weight)
+        lowp = hidden.dtype == weight.dtype and hidden.dtype in (torch.bfloat16, torch.float16)
+        self.native = lowp and hidden.is_cuda and _HAS_OUT_DTYPE and not emulate
+        self.round_g = lowp and (self.native or emulate)   # G_c in the inputs' dtype for the gradient GEMMs
+        self.weight = weight if self.native else weight.to(self.acc)
+        self.lowp_dtype = weight.dtype
+        self.bias = None if bias is None else bias.to(self.acc)
+
+    def logits(self, h_c):
+        if self.native:
+            z = torch.mm(h_c, self.weight.t(), out_dtype=torch.float32)
+        else:
+            z = h_c.to(self.acc) @ self.weight.t()
+        return z if self.bias is None else z.add_(self.bias)
+
+    def backprop(self, g, h_c, labels_c, ignore_index, dh, dw, db, r):
+        """One chunk's logits gradient ``g`` through the GEMM into dh, dW, db (None: not wanted)."""
+        if db is not None:
+            db += g.sum(0)
+        live = (labels_c != ignore_index)[:, None]
+        g_in = g.to(self.lowp_dtype) if self.round_g else g
+        if not self.native:
+            g_in = g_in.to(self.acc)
+        if dh is not None:
+            dh[r] = g_in @ self.weight   # accumulated in fp32 (cuBLAS does for bf16 / fp16), rounded once into dh
+        if dw is not None:
+            h_live = torch.where(live, h_c, torch.zeros((), dtype=h_c.dtype, device=h_c.device))
+            if self.native:
+                torch.addmm(dw, g_in.t(), h_live, out_dtype=torch.float32, out=dw)
+            else:
+                dw.addmm_(g_in.t(), h_live.to(self.acc))
 
 
 def linear_logprobs(rows, hidden, weight, bias, labels, ignore_index):
-    acc = _acc(hidden, weight)
-    w_acc, b_acc = _upcast(weight, bias, acc)
+    gemms = _Gemms(hidden, weight, bias)
     n = hidden.shape[0]
-    logp = torch.empty(n, dtype=acc, device=hidden.device)
-    stats = torch.empty(STATS_ROWS, n, dtype=acc, device=hidden.device)
+    logp = torch.empty(n, dtype=gemms.acc, device=hidden.device)
+    stats = torch.empty(STATS_ROWS, n, dtype=gemms.acc, device=hidden.device)
     for r in _chunks(n, weight.shape[0], hidden.shape[1], hidden.device.type):
-        logp[r], stats[:, r] = rows.logprobs(_logits(hidden[r], w_acc, b_acc), labels[r], ignore_index)
+        logp[r], stats[:, r] = rows.logprobs(gemms.logits(hidden[r]), labels[r], ignore_index)
     return logp, stats
-
-
-def _accumulate(g, h_c, labels_c, ignore_index, w_acc, dh, dw, db, r):
-    """Backprop one chunk's logits gradient ``g`` through the GEMM into dh, dW, db (None: not wanted)."""
-    if dh is not None:
-        dh[r] = g @ w_acc
-    if dw is not None:
-        live = (labels_c != ignore_index)[:, None]
-        dw.addmm_(g.t(), torch.where(live, h_c.to(g.dtype), torch.zeros((), dtype=g.dtype, device=g.device)))
-    if db is not None:
-        db += g.sum(0)
 
 
 def _grad_buffers(hidden, weight, bias, acc, grad_hidden, grad_weight):
@@ -90,30 +118,29 @@ def _finish(hidden, weight, bias, dh, dw, db):
 
 def linear_logprobs_backward(rows, grad_logp, hidden, weight, bias, labels, stats, ignore_index,
                              grad_hidden, grad_weight):
-    acc = _acc(hidden, weight)
-    w_acc, b_acc = _upcast(weight, bias, acc)
-    dh, dw, db = _grad_buffers(hidden, weight, bias, acc, grad_hidden, grad_weight)
+    gemms = _Gemms(hidden, weight, bias)
+    dh, dw, db = _grad_buffers(hidden, weight, bias, gemms.acc, grad_hidden, grad_weight)
     for r in _chunks(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.device.type):
-        z = _logits(hidden[r], w_acc, b_acc)
+        z = gemms.logits(hidden[r])
         g = rows.logprobs_backward(z, labels[r], stats[:, r], grad_logp[r], ignore_index, out=z)
-        _accumulate(g, hidden[r], labels[r], ignore_index, w_acc, dh, dw, db, r)
+        gemms.backprop(g, hidden[r], labels[r], ignore_index, dh, dw, db, r)
     return _finish(hidden, weight, bias, dh, dw, db)
 
 
 def linear_wspo(rows, hidden, weight, bias, labels, k, weight_t, gamma, ignore_index, grad_hidden, grad_weight):
     """Returns (sum_t loss_t, logp [N], dh, dW, db): gradients of the summed loss, written in forward."""
-    acc = _acc(hidden, weight)
-    w_acc, b_acc = _upcast(weight, bias, acc)
+    gemms = _Gemms(hidden, weight, bias)
+    acc = gemms.acc
     n = hidden.shape[0]
     logp = torch.empty(n, dtype=acc, device=hidden.device)
     loss = torch.zeros((), dtype=acc, device=hidden.device)
     compute_grad = grad_hidden or grad_weight
     dh, dw, db = _grad_buffers(hidden, weight, bias, acc, grad_hidden, grad_weight)
     for r in _chunks(n, weight.shape[0], hidden.shape[1], hidden.device.type):
-        z = _logits(hidden[r], w_acc, b_acc)
+        z = gemms.logits(hidden[r])
         loss_r, logp[r] = rows.wspo_rows(z, labels[r], k[r], weight_t[r], gamma, ignore_index,
                                          z if compute_grad else None)
         loss += loss_r.sum()
         if compute_grad:
-            _accumulate(z, hidden[r], labels[r], ignore_index, w_acc, dh, dw, db, r)
+            gemms.backprop(z, hidden[r], labels[r], ignore_index, dh, dw, db, r)
     return (loss, logp, *_finish(hidden, weight, bias, dh, dw, db))
