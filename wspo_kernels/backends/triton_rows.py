@@ -73,19 +73,29 @@ if triton is not None:
         return tl.where(q < 0.5, _log1p(-q), (z_y - m) - tl.log(s)), q
 
     @triton.jit
-    def _row_stats(x_ptr, V, y, BLOCK: tl.constexpr):
-        """(m, s, r, z_y) of one row in fp32: max, sum of exp(z - m), that sum without the label's term."""
+    def _row_stats(x_ptr, V, y, BLOCK: tl.constexpr, KEEP: tl.constexpr):
+        """(m, s, r, z_y) of one row in fp32: max, sum of exp(z - m), that sum without the label's term.
+
+        One block-wide reduction per block (the max): the sums stay per lane, rescaled by the scalar
+        exp(m - m'), and are reduced once per row.  ``KEEP``: the row is read again (the gradient sweep),
+        so its lines are marked to stay in L2 (evict_last); otherwise it streams through (evict_first).
+        """
         offs = tl.arange(0, BLOCK)
         m = -float("inf")
-        r = 0.0
+        r_lanes = tl.zeros([BLOCK], dtype=tl.float32)
         for v0 in range(0, V, BLOCK):
             cols = v0 + offs
-            x = tl.load(x_ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+            if KEEP:
+                x = tl.load(x_ptr + cols, mask=cols < V, other=-float("inf"), eviction_policy="evict_last")
+            else:
+                x = tl.load(x_ptr + cols, mask=cols < V, other=-float("inf"), eviction_policy="evict_first")
+            x = x.to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, axis=0))
             shift = tl.where(m_new == -float("inf"), 0.0, m_new)  # an all -inf prefix has nothing to rescale
             e = tl.where(cols == y, 0.0, tl.exp2((x - shift) * 1.4426950408889634))
-            r = r * tl.exp2((m - shift) * 1.4426950408889634) + tl.sum(e, axis=0)
+            r_lanes = r_lanes * tl.exp2((m - shift) * 1.4426950408889634) + e
             m = m_new
+        r = tl.sum(r_lanes, axis=0)
         z_y = tl.load(x_ptr + y).to(tl.float32)
         return m, r + tl.exp(z_y - m), r, z_y
 
@@ -99,8 +109,8 @@ if triton is not None:
         label_value = coef * q
         for v0 in range(0, V, BLOCK):
             cols = v0 + offs
-            x = tl.load(x_ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
-            g = scale * tl.exp2((x - m) * 1.4426950408889634)
+            x = tl.load(x_ptr + cols, mask=cols < V, other=-float("inf"), eviction_policy="evict_first")
+            g = scale * tl.exp2((x.to(tl.float32) - m) * 1.4426950408889634)
             g = tl.where(cols == y, label_value, g)
             tl.store(out_ptr + cols, g.to(out_ptr.dtype.element_ty), mask=cols < V)
 
@@ -121,7 +131,7 @@ if triton is not None:
             tl.store(stats_ptr + n_rows + row, 1.0)
             tl.store(stats_ptr + 2 * n_rows + row, 0.0)
             return
-        m, s, r, z_y = _row_stats(_row_ptr(x_ptr, row, x_s0, x_s1, x_t), V, y, BLOCK)
+        m, s, r, z_y = _row_stats(_row_ptr(x_ptr, row, x_s0, x_s1, x_t), V, y, BLOCK, False)
         tl.store(stats_ptr + row, m)
         tl.store(stats_ptr + n_rows + row, s)
         tl.store(stats_ptr + 2 * n_rows + row, r)
@@ -144,7 +154,7 @@ if triton is not None:
 
     @triton.jit
     def _row_logp(x_row, V, y, BLOCK: tl.constexpr):
-        m, s, r, z_y = _row_stats(x_row, V, y, BLOCK)
+        m, s, r, z_y = _row_stats(x_row, V, y, BLOCK, False)
         return _logp_q(z_y, m, s, r)[0]
 
     @triton.jit
@@ -187,7 +197,7 @@ if triton is not None:
         else:
             k = tl.load(k_ptr + row)
         p_row = _row_ptr(p_ptr, row, p_s0, p_s1, p_t)
-        m, s, r, z_y = _row_stats(p_row, V, y, BLOCK)
+        m, s, r, z_y = _row_stats(p_row, V, y, BLOCK, WRITE_GRAD)
         logp, q = _logp_q(z_y, m, s, r)
         d = gamma * logp - k
         w = tl.load(w_ptr + row)
