@@ -105,3 +105,18 @@ def test_fp32_dot_precision_follows_torch_matmul_setting():
         assert not triton_linear._operands(h.bfloat16(), w.bfloat16(), None)[1]["IEEE"]
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_vocab_splits_fill_the_gpu(monkeypatch):
+    """Few rows: many splits of the vocabulary (2 programs per SM); many rows: one; never more than its blocks."""
+    from wspo_kernels.backends import triton_linear as L
+
+    class Props:
+        multi_processor_count = 132
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
+    cuda = torch.device("cuda")
+    assert L.vocab_splits(1024, 128256, cuda) == 17             # 16 row blocks x 17 splits >= 2 x 132 programs
+    assert L.vocab_splits(64, 128256, cuda) == 264               # one row block: 264 splits
+    assert L.vocab_splits(16384, 128256, cuda) == 1              # 256 row blocks already fill 132 SMs
+    assert L.vocab_splits(64, 300, cuda) == 3                    # at most one split per vocabulary block
+    assert L.vocab_splits(64, 128256, torch.device("cpu")) == L.VOCAB_SPLITS

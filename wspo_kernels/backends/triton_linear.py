@@ -3,7 +3,8 @@
 For rows h_t (hidden [N, H]) and an lm_head W [V, H] (+ bias b), logits z = h W^T + b exist only as
 [BM, BV] tiles in SRAM:
 
-    forward   grid (row blocks, vocab splits): each program runs a K-loop of tl.dot per tile and merges
+    forward   grid (row blocks, vocab splits; on a GPU enough splits for two programs per SM, so a short
+              batch still fills it): each program runs a K-loop of tl.dot per tile and merges
               the tile into per-row statistics (m, r) = (max, sum of exp(z - m) without the label's
               term); the label logit z_y is picked out of the tile that holds it (the very value the
               statistics saw).  The splits' partials are merged afterwards in a fixed order
@@ -40,7 +41,8 @@ from .triton_rows import device_guard
 BLOCK_M = 64
 BLOCK_V = 128
 BLOCK_K = 32
-VOCAB_SPLITS = 8          # forward programs per row block along the vocabulary (merged deterministically)
+VOCAB_SPLITS = 8          # forward programs per row block along the vocabulary on the CPU (interpreter)
+WAVES = 2                 # on a GPU: enough vocabulary splits for this many programs per SM
 
 
 @triton.jit
@@ -152,10 +154,21 @@ def _operands(hidden, weight, bias):
     return args, meta
 
 
+def vocab_splits(n_rows, vocab, device):
+    """Forward programs per row block: on a GPU enough to give every SM ``WAVES`` programs (few rows, as
+    in a short batch, need many splits; 8192 rows need none), never more than the vocabulary's blocks."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        wanted = triton.cdiv(WAVES * sms, triton.cdiv(n_rows, BLOCK_M))
+    else:
+        wanted = VOCAB_SPLITS
+    return max(1, min(wanted, triton.cdiv(vocab, BLOCK_V)))
+
+
 def _stats_and_label_logit(hidden, weight, bias, labels, ignore_index):
     n, H = hidden.shape
     V = weight.shape[0]
-    splits = max(1, min(VOCAB_SPLITS, triton.cdiv(V, BLOCK_V)))
+    splits = vocab_splits(n, V, hidden.device)
     cols_per_split = triton.cdiv(triton.cdiv(V, splits), BLOCK_V) * BLOCK_V
     m = torch.empty(splits, n, dtype=torch.float32, device=hidden.device)
     r, zy = torch.empty_like(m), torch.empty_like(m)
