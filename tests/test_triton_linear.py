@@ -117,6 +117,6 @@ def test_vocab_splits_fill_the_gpu(monkeypatch):
     cuda = torch.device("cuda")
     assert L.vocab_splits(1024, 128256, cuda) == 17             # 16 row blocks x 17 splits >= 2 x 132 programs
     assert L.vocab_splits(64, 128256, cuda) == 264               # one row block: 264 splits
-    assert L.vocab_splits(16384, 128256, cuda) == 1              # 256 row blocks already fill 132 SMs
+    assert L.vocab_splits(32768, 128256, cuda) == 1              # 512 row blocks already fill 132 SMs twice
     assert L.vocab_splits(64, 300, cuda) == 3                    # at most one split per vocabulary block
     assert L.vocab_splits(64, 128256, torch.device("cpu")) == L.VOCAB_SPLITS
