@@ -27,7 +27,7 @@ import traceback
 import torch
 
 import wspo_kernels as wk
-from wspo_kernels.dispatch import _module
+from wspo_kernels.dispatch import available_backends
 from wspo_kernels.reference import reference_token_logprobs, reference_wspo_loss
 
 FP32_RTOL, LOWP_LOSS_RTOL, LOWP_GRAD_FACTOR = 1e-5, 1e-3, 2.0
@@ -223,15 +223,6 @@ def _graph_check(backend, device):
                         _compare("graph grad", x.grad, want_grad, torch.float32, want_grad)) if p]
 
 
-def _backends(device):
-    names = []
-    for name in ("triton", "native", "torch"):
-        module, _ = _module(name)
-        if module is not None and module.unavailable_reason(device, torch.float32) is None:
-            names.append(name)
-    return names
-
-
 def gpu_name(device):
     if device.type != "cuda":
         return "cpu"
@@ -248,7 +239,7 @@ def main(argv=None):
     device = torch.device(args.device)
     shapes = SMOKE if args.smoke else FULL
     report = Report()
-    backends = _backends(device)
+    backends = available_backends(device)
     print(f"wspo-kernels {wk.__version__} on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
           f"; torch {torch.__version__}; backends {backends}", flush=True)
     for backend in backends:

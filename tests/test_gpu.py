@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import wspo_kernels as wk
-from wspo_kernels.dispatch import _module
+from wspo_kernels.dispatch import available_backends
 
 from helpers import check_grad, check_loss
 import test_linear
@@ -12,18 +12,7 @@ import test_wspo_loss
 CUDA = torch.device("cuda")
 
 
-def _gpu_backends():
-    if not torch.cuda.is_available():
-        return []
-    names = []
-    for name in ("triton", "native", "torch"):
-        module, _ = _module(name)
-        if module is not None and module.unavailable_reason(CUDA, torch.float32) is None:
-            names.append(name)
-    return names
-
-
-GPU_BACKENDS = _gpu_backends()
+GPU_BACKENDS = available_backends(CUDA) if torch.cuda.is_available() else []
 pytestmark = pytest.mark.skipif(not GPU_BACKENDS, reason="no CUDA GPU")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -35,6 +35,12 @@ def _why_not(module, device: torch.device, dtypes) -> str:
     return next((r for r in (module.unavailable_reason(device, d) for d in dtypes) if r is not None), None)
 
 
+def available_backends(device: torch.device, dtype=torch.float32):
+    """Names of the backends that run on ``device`` for ``dtype``, fastest first (tests and validation)."""
+    order = ("triton", "native", "torch")
+    return [name for name in order if (m := _module(name)[0]) is not None and _why_not(m, device, (dtype,)) is None]
+
+
 def select_backend(requested: str, device: torch.device, dtype):
     """The backend module to run on tensors of ``device`` and ``dtype`` (one dtype, or a tuple of the
     operands' dtypes: mixed inputs need a backend that takes them all); ``requested`` '' means default."""
