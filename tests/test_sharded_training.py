@@ -96,6 +96,13 @@ def _worker(rank, world, port, out, engine, tie, precomputed, wrap):
     loss, params = _train(os.path.join(out, "sharded"), world, engine, tie, precomputed, wrap)
     if rank == 0:
         torch.save((loss, params), os.path.join(out, "sharded.pt"))
+    # Tear the group down before the interpreter exits: a gloo group left to process exit can abort it
+    # ("terminate called without an active exception").
+    import gc
+    gc.collect()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 LAYERS = ("LlamaDecoderLayer",)
