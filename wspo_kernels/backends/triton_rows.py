@@ -36,6 +36,7 @@ except ImportError as exc:  # the backend reports itself unavailable
 NAME = "triton"
 MAX_BLOCK = 4096          # vocab columns per step (a power of two)
 LOG2E = 1.4426950408889634
+HEAD_LANES = tl.constexpr(16) if tl is not None else 16  # columns before a 16-byte boundary: at most 15
 LN2 = 0.6931471805599453
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"   # decided when the kernels are defined
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -73,46 +74,99 @@ if triton is not None:
         return tl.where(q < 0.5, _log1p(-q), (z_y - m) - tl.log(s)), q
 
     @triton.jit
+    def _aligned_start(x_ptr, V):
+        """Columns before the row's first 16-byte boundary (at most V): peeled off, so that the full
+        blocks after them are aligned and load as 16-byte vectors whatever V or the row stride is."""
+        elem = x_ptr.dtype.element_ty.primitive_bitwidth // 8
+        addr = x_ptr.to(tl.int64, bitcast=True)
+        return tl.minimum(((16 - addr % 16) % 16) // elem, V)
+
+    @triton.jit
+    def _load(ptrs, mask, KEEP: tl.constexpr, MASKED: tl.constexpr):
+        """fp32 values; masked lanes -inf.  ``KEEP``: the row is read again, keep it in L2."""
+        if MASKED:
+            if KEEP:
+                x = tl.load(ptrs, mask=mask, other=-float("inf"), eviction_policy="evict_last")
+            else:
+                x = tl.load(ptrs, mask=mask, other=-float("inf"), eviction_policy="evict_first")
+        else:
+            if KEEP:
+                x = tl.load(ptrs, eviction_policy="evict_last")
+            else:
+                x = tl.load(ptrs, eviction_policy="evict_first")
+        return x.to(tl.float32)
+
+    @triton.jit
+    def _merge(x, cols, y, m, r_lanes):
+        """Fold one block into (m, per-lane r): one block-wide reduction (the max)."""
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        shift = tl.where(m_new == -float("inf"), 0.0, m_new)  # an all -inf prefix has nothing to rescale
+        e = tl.where(cols == y, 0.0, tl.exp2((x - shift) * 1.4426950408889634))
+        return m_new, r_lanes * tl.exp2((m - shift) * 1.4426950408889634) + e
+
+    @triton.jit
     def _row_stats(x_ptr, V, y, BLOCK: tl.constexpr, KEEP: tl.constexpr):
         """(m, s, r, z_y) of one row in fp32: max, sum of exp(z - m), that sum without the label's term.
 
-        One block-wide reduction per block (the max): the sums stay per lane, rescaled by the scalar
-        exp(m - m'), and are reduced once per row.  ``KEEP``: the row is read again (the gradient sweep),
-        so its lines are marked to stay in L2 (evict_last); otherwise it streams through (evict_first).
+        The row is read as a peeled head (up to its first 16-byte boundary), full aligned blocks without
+        masks, and a masked tail.  One block-wide reduction per block (the max): the sums stay per lane,
+        rescaled by the scalar exp(m - m'), and are reduced once per row.  ``KEEP``: the row is read again
+        (the gradient sweep), so its lines are marked to stay in L2 (evict_last); else evict_first.
         """
         offs = tl.arange(0, BLOCK)
-        m = -float("inf")
-        r_lanes = tl.zeros([BLOCK], dtype=tl.float32)
-        for v0 in range(0, V, BLOCK):
-            cols = v0 + offs
-            if KEEP:
-                x = tl.load(x_ptr + cols, mask=cols < V, other=-float("inf"), eviction_policy="evict_last")
-            else:
-                x = tl.load(x_ptr + cols, mask=cols < V, other=-float("inf"), eviction_policy="evict_first")
-            x = x.to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            shift = tl.where(m_new == -float("inf"), 0.0, m_new)  # an all -inf prefix has nothing to rescale
-            e = tl.where(cols == y, 0.0, tl.exp2((x - shift) * 1.4426950408889634))
-            r_lanes = r_lanes * tl.exp2((m - shift) * 1.4426950408889634) + e
-            m = m_new
+        head = _aligned_start(x_ptr, V)
+        lanes = tl.arange(0, HEAD_LANES)   # the head is under 16 bytes: a small block of its own
+        x_head = _load(x_ptr + lanes, lanes < head, KEEP, True)
+        m, r_head = _merge(x_head, lanes, y, -float("inf"), tl.zeros([HEAD_LANES], dtype=tl.float32))
+        r_lanes = tl.where(offs == 0, tl.sum(r_head, axis=0), 0.0)
+        body = tl.multiple_of(x_ptr + head, 16)
+        n_full = (V - head) // BLOCK * BLOCK
+        for v0 in range(0, n_full, BLOCK):
+            x = _load(body + (v0 + offs), None, KEEP, False)  # one offset: keeps the alignment hint
+            m, r_lanes = _merge(x, head + v0 + offs, y, m, r_lanes)
+        cols = n_full + offs
+        x = _load(body + cols, cols < V - head, KEEP, True)
+        m, r_lanes = _merge(x, head + cols, y, m, r_lanes)
         r = tl.sum(r_lanes, axis=0)
         z_y = tl.load(x_ptr + y).to(tl.float32)
         return m, r + tl.exp(z_y - m), r, z_y
 
     @triton.jit
-    def _row_grad(x_ptr, out_ptr, V, m, s, coef, y, q, BLOCK: tl.constexpr):
-        """out = coef * (onehot(y) - exp(x - m) / s), the label entry coef * q; out may be x."""
+    def _grad_block(x_ptrs, out_ptrs, cols, mask, m, scale, y, label_value, MASKED: tl.constexpr):
+        x = _load(x_ptrs, mask, False, MASKED)
+        g = tl.where(cols == y, label_value, scale * tl.exp2((x - m) * 1.4426950408889634))
+        if MASKED:
+            tl.store(out_ptrs, g.to(out_ptrs.dtype.element_ty), mask=mask)
+        else:
+            tl.store(out_ptrs, g.to(out_ptrs.dtype.element_ty))
+
+    @triton.jit
+    def _row_grad(x_ptr, out_ptr, V, m, s, coef, y, q, BLOCK: tl.constexpr, OUT_ALIGNED: tl.constexpr):
+        """out = coef * (onehot(y) - exp(x - m) / s), the label entry coef * q; out may be x.
+
+        Read as ``_row_stats`` reads (a peeled head, aligned full blocks, a masked tail); the stores are
+        aligned too when ``out`` sits at the same offset from a 16-byte boundary as ``x`` (``OUT_ALIGNED``,
+        decided by the launcher: in place, or the same strides and a base 16 bytes apart).
+        """
         # In place (out == x): every thread has loaded z_y (a scalar read across warps) before any store.
         tl.debug_barrier()
         offs = tl.arange(0, BLOCK)
         scale = -coef / s
         label_value = coef * q
-        for v0 in range(0, V, BLOCK):
+        head = _aligned_start(x_ptr, V)
+        lanes = tl.arange(0, HEAD_LANES)
+        _grad_block(x_ptr + lanes, out_ptr + lanes, lanes, lanes < head, m, scale, y, label_value, True)
+        body_x = tl.multiple_of(x_ptr + head, 16)
+        if OUT_ALIGNED:
+            body_out = tl.multiple_of(out_ptr + head, 16)
+        else:
+            body_out = out_ptr + head
+        n_full = (V - head) // BLOCK * BLOCK
+        for v0 in range(0, n_full, BLOCK):
             cols = v0 + offs
-            x = tl.load(x_ptr + cols, mask=cols < V, other=-float("inf"), eviction_policy="evict_first")
-            g = scale * tl.exp2((x.to(tl.float32) - m) * 1.4426950408889634)
-            g = tl.where(cols == y, label_value, g)
-            tl.store(out_ptr + cols, g.to(out_ptr.dtype.element_ty), mask=cols < V)
+            _grad_block(body_x + cols, body_out + cols, head + cols, None, m, scale, y, label_value, False)
+        cols = n_full + offs
+        _grad_block(body_x + cols, body_out + cols, head + cols, cols < V - head, m, scale, y, label_value, True)
 
     @triton.jit
     def _zero_row(out_ptr, V, BLOCK: tl.constexpr):
@@ -139,7 +193,7 @@ if triton is not None:
 
     @triton.jit
     def _logprobs_backward_kernel(x_ptr, x_s0, x_s1, x_t, V, labels_ptr, ignore_index, stats_ptr, n_rows, g_ptr,
-                                  out_ptr, o_s0, o_s1, o_t, BLOCK: tl.constexpr):
+                                  out_ptr, o_s0, o_s1, o_t, BLOCK: tl.constexpr, OUT_ALIGNED: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         y = tl.load(labels_ptr + row)
         out_row = _row_ptr(out_ptr, row, o_s0, o_s1, o_t)
@@ -150,7 +204,7 @@ if triton is not None:
         m = tl.load(stats_ptr + row)
         s = tl.load(stats_ptr + n_rows + row)
         q = tl.load(stats_ptr + 2 * n_rows + row) / s
-        _row_grad(x_row, out_row, V, m, s, tl.load(g_ptr + row), y, q, BLOCK)
+        _row_grad(x_row, out_row, V, m, s, tl.load(g_ptr + row), y, q, BLOCK, OUT_ALIGNED)
 
     @triton.jit
     def _row_logp(x_row, V, y, BLOCK: tl.constexpr):
@@ -173,7 +227,8 @@ if triton is not None:
     def _wspo_kernel(p_ptr, p_s0, p_s1, p_t, V, r_ptr, r_s0, r_s1, r_t, Vr, a_ptr, a_s0, a_s1, a_t, Va,
                      b_ptr, b_s0, b_s1, b_t, Vb, k_ptr, labels_ptr, w_ptr, gamma, ignore_index, loss_ptr, logps_ptr,
                      n_rows, grad_ptr, g_s0, g_s1, g_t,
-                     FOUR: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_F: tl.constexpr):
+                     FOUR: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_F: tl.constexpr,
+                     OUT_ALIGNED: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         y = tl.load(labels_ptr + row)
         if y == ignore_index:
@@ -204,7 +259,8 @@ if triton is not None:
         tl.store(logps_ptr + row, logp)
         tl.store(loss_ptr + row, w * d * d)
         if WRITE_GRAD:
-            _row_grad(p_row, _row_ptr(grad_ptr, row, g_s0, g_s1, g_t), V, m, s, 2.0 * gamma * w * d, y, q, BLOCK)
+            _row_grad(p_row, _row_ptr(grad_ptr, row, g_s0, g_s1, g_t), V, m, s, 2.0 * gamma * w * d, y, q, BLOCK,
+                      OUT_ALIGNED)
 
     @triton.jit
     def _scale_rows_kernel(g_ptr, g_s0, g_s1, g_t, scale_ptr, V, BLOCK: tl.constexpr):
@@ -259,6 +315,13 @@ def logprobs(logits, labels, ignore_index):
     return logp, stats
 
 
+def _same_alignment(x, out):
+    """Whether every row of ``out`` sits at the same offset from a 16-byte boundary as that row of ``x``
+    (same dtype and strides, bases 16 bytes apart; in place included): the gradient's stores may then be
+    declared aligned.  A wrong True would be a misaligned vector store, so anything else is False."""
+    return x.dtype == out.dtype and x.stride() == out.stride() and (x.data_ptr() - out.data_ptr()) % 16 == 0
+
+
 def logprobs_backward(logits, labels, stats, grad_logp, ignore_index, out):
     n, V = labels.shape[0], logits.shape[-1]
     if n:
@@ -266,7 +329,7 @@ def logprobs_backward(logits, labels, stats, grad_logp, ignore_index, out):
         with device_guard(logits):
             _logprobs_backward_kernel[(n,)](*_rows(logits), V, labels, ignore_index, stats.float().contiguous(), n,
                                             grad_logp.float().contiguous(), *_rows(out), BLOCK=block,
-                                            num_warps=_warps(block))
+                                            OUT_ALIGNED=_same_alignment(logits, out), num_warps=_warps(block))
     return out
 
 
@@ -294,7 +357,8 @@ def _wspo(policy, frozen, k, labels, weight, gamma, ignore_index, grad):
                 loss if k is None else k.float().contiguous(), labels, weight.float().contiguous(), float(gamma),
                 ignore_index, loss, logps, n, *_rows(policy if grad is None else grad),
                 FOUR=frozen is not None, WRITE_GRAD=grad is not None, BLOCK=block,
-                BLOCK_F=_block(max(r.shape[-1], a.shape[-1], b.shape[-1])), num_warps=_warps(block))
+                BLOCK_F=_block(max(r.shape[-1], a.shape[-1], b.shape[-1])),
+                OUT_ALIGNED=grad is not None and _same_alignment(policy, grad), num_warps=_warps(block))
     return loss, (logps if frozen else logps[0])
 
 
