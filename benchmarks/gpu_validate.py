@@ -31,7 +31,7 @@ from wspo_kernels.dispatch import available_backends
 from wspo_kernels.reference import reference_token_logprobs, reference_wspo_loss
 
 FP32_RTOL, LOWP_LOSS_RTOL, LOWP_GRAD_FACTOR = 1e-5, 1e-3, 2.0
-FULL = dict(vocabs=(32000, 32001, 128256, 152064, (151665, 152064)), batch=2, seq=65, big_rows=(17000, 128256),
+FULL = dict(vocabs=(32000, 32001, 128256, 152064, (151665, 152064)), batch=2, seq=65, big_rows=(18000, 128256),
             linear_blocks=(4608, 4096, 32000), linear_big=(16, 16384, 152064))
 SMOKE = dict(vocabs=(1000, 1001, (999, 1001)), batch=2, seq=9, big_rows=None, linear_blocks=(150, 64, 500),
              linear_big=None)
@@ -78,22 +78,32 @@ def _compare(what, got, want, dtype, lowp=None, loss=False):
 
 
 def _inputs(V, dtype, device, batch, seq, n_models=4, seed=0):
+    """(logits, labels, vocab); the logits are a vocabulary slice of a padded buffer when V is a tuple."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     width = V[1] if isinstance(V, tuple) else V
     vocab = V[0] if isinstance(V, tuple) else V
     bufs = [(torch.randn(batch, seq, width, generator=g) * 3).to(dtype).to(device) for _ in range(n_models)]
-    logits = [b[..., :vocab] for b in bufs]     # a vocabulary slice of a padded buffer when V is a tuple
     labels = torch.randint(0, vocab, (batch, seq), generator=g)
     labels[:, : seq // 4] = -100
     labels[-1] = -100 if batch > 1 else labels[-1]   # one fully ignored row
-    return logits, labels.to(device)
+    return [b[..., :vocab] for b in bufs], labels.to(device), vocab
+
+
+def _policy_leaf(view, vocab):
+    """A leaf with ``view``'s layout (a slice of a padded buffer stays one) and the view the loss reads."""
+    leaf = view.detach().clone() if view.is_contiguous() else None
+    if leaf is None:  # clone() of a slice would be dense: copy the padded buffer, then slice it again
+        leaf = torch.empty(*view.shape[:-1], view.stride(-2), dtype=view.dtype, device=view.device)
+        leaf[..., :vocab] = view
+    leaf.requires_grad_()
+    return leaf, leaf[..., :vocab]
 
 
 def _row_checks(backend, dtype, V, device, batch, seq):
     problems = []
-    logits, labels = _inputs(V, dtype, device, batch, seq)
+    logits, labels, vocab = _inputs(V, dtype, device, batch, seq)
     cpu = [z.detach() for z in logits]
-    x = logits[0].clone().requires_grad_()
+    leaf, x = _policy_leaf(logits[0], vocab)
     loss = wk.wspo_loss(x, labels, ref=logits[1], weak_aligned=logits[2], weak_base=logits[3], backend=backend)
     x64 = cpu[0].double().requires_grad_()
     want = reference_wspo_loss(x64, labels, ref=cpu[1], weak_aligned=cpu[2], weak_base=cpu[3])
@@ -105,12 +115,12 @@ def _row_checks(backend, dtype, V, device, batch, seq):
     problems += [_compare("four-logits loss", loss.detach(), want, dtype, loss=True),
                  _compare("four-logits grad", grad, want_grad, dtype, low_grad)]
     frozen = [reference_token_logprobs(z, labels, shift=True).float() for z in cpu[1:]]
-    x = logits[0].clone().requires_grad_()
+    leaf, x = _policy_leaf(logits[0], vocab)
     loss = wk.wspo_loss(x, labels, ref=frozen[0], weak_aligned=frozen[1], weak_base=frozen[2], backend=backend)
     (grad,) = torch.autograd.grad(loss, x)
     problems += [_compare("precomputed loss", loss.detach(), want, dtype, loss=True),
                  _compare("precomputed grad", grad, want_grad, dtype, low_grad)]
-    x = logits[0].clone().requires_grad_()
+    leaf, x = _policy_leaf(logits[0], vocab)
     lp = wk.token_logprobs(x, labels, shift=True, backend=backend)
     x64 = cpu[0].double().requires_grad_()
     want_lp = reference_token_logprobs(x64, labels, shift=True)
@@ -126,19 +136,21 @@ def _row_checks(backend, dtype, V, device, batch, seq):
     want_delta = reference_token_logprobs(cpu[2], labels, shift=True) - reference_token_logprobs(cpu[3], labels,
                                                                                                   shift=True)
     problems.append(_compare("weak_log_ratio", delta, want_delta, dtype, loss=True))
-    # inplace_grad on views: transposed leading dims and the (possibly sliced) vocabulary.
+    # inplace_grad on views: transposed leading dims, and the (possibly sliced) vocabulary as it lies.
     for view in ("transposed", "as-is"):
-        base = logits[0].detach().clone()
-        regular = base.clone().requires_grad_()
+        regular = logits[0].detach().clone().requires_grad_()
         want_loss = wk.wspo_loss(regular, labels, ref=logits[1], weak_aligned=logits[2], weak_base=logits[3],
                                  backend=backend)
         (want_g,) = torch.autograd.grad(want_loss, regular)
-        buf = base.transpose(0, 1).contiguous().transpose(0, 1) if view == "transposed" else base.clone()
-        leaf = buf.requires_grad_()
-        policy = leaf * 1
+        leaf, sliced = _policy_leaf(logits[0], vocab)
+        if view == "transposed":
+            leaf = logits[0].detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+            sliced = leaf
+        policy = sliced * 1 if view == "transposed" else (leaf * 1)[..., :vocab]   # a non-leaf, same layout
         got_loss = wk.wspo_loss(policy, labels, ref=logits[1], weak_aligned=logits[2], weak_base=logits[3],
                                 inplace_grad=True, backend=backend)
         (got_g,) = torch.autograd.grad(got_loss, leaf)
+        got_g = got_g[..., :vocab]
         problems += [_compare(f"inplace {view} loss", got_loss.detach(), want_loss.detach(), torch.float32, loss=True),
                      _compare(f"inplace {view} grad", got_g, want_g, dtype, want_g)]
     return [p for p in problems if p]
@@ -195,17 +207,31 @@ def _linear_check(backend, dtype, device, N, H, V, seed=2):
 
 
 def _graph_check(backend, device):
-    """Forward + backward captured in a CUDA graph and replayed equals eager (labels checked on the device)."""
-    logits, labels = _inputs(32001, torch.bfloat16, device, 2, 33)
+    """Forward + backward captured in a CUDA graph, then replayed on new inputs copied into the captured
+    tensors, equals eager on those inputs (labels checked on the device, no host synchronisation)."""
+    logits, labels, _ = _inputs(32001, torch.bfloat16, device, 2, 33)
+    new_logits, new_labels, _ = _inputs(32001, torch.bfloat16, device, 2, 33, seed=5)
     x = logits[0].detach().clone().requires_grad_()
+    frozen = [z.clone() for z in logits[1:]]
 
     def step():
         x.grad = None
-        loss = wk.wspo_loss(x, labels, ref=logits[1], weak_aligned=logits[2], weak_base=logits[3], backend=backend)
+        loss = wk.wspo_loss(x, labels, ref=frozen[0], weak_aligned=frozen[1], weak_base=frozen[2], backend=backend)
         loss.backward()
         return loss
+    with torch.no_grad():  # eager on the new inputs, then back to the first ones for the capture
+        x.copy_(new_logits[0])
+        for f, z in zip(frozen, new_logits[1:]):
+            f.copy_(z)
+        labels_first = labels.clone()
+        labels.copy_(new_labels)
     want = step().detach().clone()
     want_grad = x.grad.clone()
+    with torch.no_grad():
+        x.copy_(logits[0])
+        for f, z in zip(frozen, logits[1:]):
+            f.copy_(z)
+        labels.copy_(labels_first)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -215,8 +241,13 @@ def _graph_check(backend, device):
     graph = torch.cuda.CUDAGraph()
     x.grad = None
     with torch.cuda.graph(graph):
-        loss = wk.wspo_loss(x, labels, ref=logits[1], weak_aligned=logits[2], weak_base=logits[3], backend=backend)
+        loss = wk.wspo_loss(x, labels, ref=frozen[0], weak_aligned=frozen[1], weak_base=frozen[2], backend=backend)
         loss.backward()
+    with torch.no_grad():  # the new inputs, into the captured tensors
+        x.copy_(new_logits[0])
+        for f, z in zip(frozen, new_logits[1:]):
+            f.copy_(z)
+        labels.copy_(new_labels)
     graph.replay()
     torch.cuda.synchronize()
     return [p for p in (_compare("graph loss", loss.detach(), want, torch.float32, loss=True),
@@ -251,13 +282,16 @@ def main(argv=None):
                              lambda: _row_checks(backend, dtype, V, device, shapes["batch"], shapes["seq"]))
             report.check(f"linear blocks {backend} {str(dtype)[6:]} N,H,V={shapes['linear_blocks']}",
                          lambda: _linear_check(backend, dtype, device, *shapes["linear_blocks"]))
+        if device.type == "cuda":
+            report.check(f"CUDA graph {backend}", lambda: _graph_check(backend, device))
+            torch.cuda.empty_cache()
+    # Last: the > 2^31 checks are the likeliest to fault, and a fault leaves the CUDA context unusable.
+    for backend in backends:
         if shapes["big_rows"]:
             report.check(f"N*V > 2^31 {backend}", lambda: _big_rows_check(backend, device, shapes["big_rows"]))
         if shapes["linear_big"]:
             report.check(f"V*H > 2^31 linear {backend}",
                          lambda: _linear_check(backend, torch.bfloat16, device, *shapes["linear_big"]))
-        if device.type == "cuda":
-            report.check(f"CUDA graph {backend}", lambda: _graph_check(backend, device))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     failed = [r for r in report.rows if not r["ok"]]

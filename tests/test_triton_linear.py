@@ -102,8 +102,15 @@ def test_fp32_dot_precision_follows_torch_matmul_setting():
         assert triton_linear._operands(h, w, None)[1]["IEEE"]
         torch.set_float32_matmul_precision("high")
         assert not triton_linear._operands(h, w, None)[1]["IEEE"]
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9's API
+            torch.backends.cuda.matmul.fp32_precision = "ieee"
+            assert triton_linear._operands(h, w, None)[1]["IEEE"]
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
+            assert not triton_linear._operands(h, w, None)[1]["IEEE"]
         assert not triton_linear._operands(h.bfloat16(), w.bfloat16(), None)[1]["IEEE"]
     finally:
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+            torch.backends.cuda.matmul.fp32_precision = "none"   # the default: inherit the global setting
         torch.set_float32_matmul_precision(before)
 
 

@@ -15,11 +15,10 @@ Ignored rows have a zero gradient row, and their hidden states are zeroed before
 NaN or inf there (0 * NaN = NaN) never reaches dW.  Mixed dtypes compute in the promoted
 accumulation dtype (fp16 hidden with an fp32 weight: fp32).
 
-Peak extra memory is one chunk of fp32 logits plus the fp32 dW/db accumulators: flat in N.  On the
-CPU a chunk is ``LINEAR_CHUNK_ELEMS`` logits (64 MB) but at least ``MIN_CHUNK_ROWS`` rows: skinny GEMMs
+Peak extra memory is one chunk of fp32 logits plus the fp32 dW/db accumulators.  On the CPU a chunk is ``LINEAR_CHUNK_ELEMS`` logits (64 MB) but at least ``MIN_CHUNK_ROWS`` rows: skinny GEMMs
 are slow on CPUs (at V=32000, H=512: 131-row chunks ran 16% slower than 524-row ones on 2 Zen 4 cores),
-so a large vocabulary gets a larger chunk, not fewer rows.  On a GPU chunks are sized as Liger sizes
-them, the next power of two of N / ceil(V / H) rows (a chunk of logits about the size of the hidden
+so a large vocabulary gets a larger chunk, not fewer rows: flat in N.  On a GPU chunks are sized as
+Liger sizes them (so they grow with N), the next power of two of N / ceil(V / H) rows (a chunk of logits about the size of the hidden
 states: 256 rows, 131 MB, at N=8192, H=4096, V=128256), at least ``MIN_CHUNK_ROWS``: GEMMs with a few
 dozen rows leave a GPU idle and stream the whole weight once per chunk.  ``WSPO_KERNELS_LINEAR_CHUNK_MB``
 sets the chunk's size in MB of fp32 logits on either.
@@ -51,6 +50,9 @@ def _chunks(n_rows: int, vocab: int, hidden_size: int = 0, device_type: str = "c
 
 
 _HAS_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=): torch >= 2.8
+# addmm(fp32 accumulator, bf16, bf16, out_dtype=fp32): CUDA required the accumulator's dtype to match the
+# inputs' before torch 2.10; older versions accumulate dW through an fp32 GEMM instead.
+_ADDMM_MIXED = _HAS_OUT_DTYPE and torch.torch_version.TorchVersion(torch.__version__) >= (2, 10)
 EMULATE_LOWP_GEMMS = False
 
 
@@ -86,8 +88,10 @@ class _Gemms:
             dh[r] = g_in @ self.weight   # accumulated in fp32 (cuBLAS does for bf16 / fp16), rounded once into dh
         if dw is not None:
             h_live = torch.where(live, h_c, torch.zeros((), dtype=h_c.dtype, device=h_c.device))
-            if self.native:
+            if self.native and _ADDMM_MIXED:
                 torch.addmm(dw, g_in.t(), h_live, out_dtype=torch.float32, out=dw)
+            elif self.native:
+                dw.addmm_(g_in.t().float(), h_live.float())
             else:
                 dw.addmm_(g_in.t(), h_live.to(self.acc))
 

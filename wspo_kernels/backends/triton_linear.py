@@ -140,6 +140,19 @@ def _grad_kernel(h_ptr, h_sn, h_sk, w_ptr, w_sv, w_sk, b_ptr, b_s, labels_ptr, s
 
 
 # ---------------------------------------------------------------------------------------------- launchers
+def tf32_allowed():
+    """Whether the user allowed TF32 for fp32 matmuls: torch >= 2.9's ``fp32_precision`` (reading the
+    legacy flag after the new API was used raises), else ``allow_tf32``; ``set_float32_matmul_precision``
+    sets both."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    if precision == "none":  # inherits the global setting
+        precision = getattr(torch.backends, "fp32_precision", "ieee")
+    return precision == "tf32"
+
+
 def _operands(hidden, weight, bias):
     """(hidden, weight, bias) in one dtype (the promoted one; a copy only for mixed dtypes) and their strides."""
     dtype = torch.promote_types(hidden.dtype, weight.dtype)
@@ -149,7 +162,7 @@ def _operands(hidden, weight, bias):
     b = None if bias is None else bias.to(dtype)
     args = (h, h.stride(0), h.stride(1), w, w.stride(0), w.stride(1),
             h if b is None else b, 0 if b is None else b.stride(0))
-    ieee = dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32  # follows torch's matmul setting
+    ieee = dtype == torch.float32 and not tf32_allowed()  # follows torch's matmul setting
     meta = dict(HAS_BIAS=b is not None, BLOCK_M=BLOCK_M, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K, IEEE=ieee)
     return args, meta
 
