@@ -68,8 +68,7 @@ def _whole_weights(training):
 
 def _sources(w):
     """Where each frozen model comes from; the reference defaults to the policy's initial weights."""
-    return {"ref": w.ref_model or w.model_name_or_path, "weak_aligned": w.weak_aligned_model,
-            "weak_base": w.weak_base_model}
+    return {role: getattr(w, key) or w.model_name_or_path for role, key in ROLE_KEYS.items()}
 
 
 def _context_limit(name):

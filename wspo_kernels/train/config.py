@@ -83,7 +83,6 @@ class ConfigError(ValueError):
 class Config:
     wspo: WSPOArguments
     training: "object"  # transformers.TrainingArguments
-    given: dict          # the keys the user set (after aliases)
 
 
 def _parser(prog="wspo-kernels train"):
@@ -157,10 +156,11 @@ def _normalise(raw: dict) -> dict:
     wspo_fields = {f.name: f for f in dataclasses.fields(WSPOArguments)}
     training_fields = _training_fields()
     known = set(wspo_fields) | set(training_fields) | {"warmup_ratio"}
+    every_field = {**wspo_fields, **training_fields}
     out, origin = {}, {}
     for key, value in raw.items():
         name = ALIASES.get(key, key)
-        flag = {**wspo_fields, **training_fields}.get(name[3:]) if name.startswith("no_") else None
+        flag = every_field.get(name[3:]) if name.startswith("no_") else None
         if flag is not None and flag.type in (bool, "bool"):
             name, value = name[3:], not _truthy(value)
         if isinstance(value, dict) and name not in training_fields:
@@ -333,7 +333,7 @@ def parse_config(argv, *, prog="wspo-kernels train") -> Config:
         raise ConfigError(f"dataset: {w.dataset!r} is not a local file or directory (a JSON / JSONL file or a "
                           "datasets directory; the official recipe's dataset names refer to LLaMA-Factory's "
                           "dataset_info.json: pass the file instead)")
-    return Config(w, t, given)
+    return Config(w, t)
 
 
 def format_help(prog="wspo-kernels train") -> str:

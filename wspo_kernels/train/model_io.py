@@ -82,9 +82,6 @@ def lm_head_inputs(model, input_ids, attention_mask=None):
     return out.hidden_states[-1], head.weight, getattr(head, "bias", None)
 
 
-_GATHERED = set()  # ids of the parameters a gathered_for_loss context holds
-
-
 @contextlib.contextmanager
 def gathered_for_loss(params):
     """DeepSpeed ZeRO-3 keeps a parameter partitioned (an empty placeholder) outside its module's forward;
@@ -92,22 +89,18 @@ def gathered_for_loss(params):
     (``deepspeed.zero.GatheredParameters``): for the forward of frozen heads, and through the backward
     for the policy's (the trainer's training step), whose gradient then accumulates into the full
     parameter and is reduce-scattered by ZeRO-3 as any other.  A no-op without ZeRO-3, and for
-    parameters already available (gathered by an enclosing call, or tied to the embeddings)."""
+    parameters already available (a head tied to the embeddings)."""
     todo = []
-    for p in params:  # unique, partitioned, not gathered by an enclosing call (a LoRA reference shares the head)
-        if p is not None and hasattr(p, "ds_id") and all(p is not q for q in todo) and id(p) not in _GATHERED \
+    for p in params:  # unique (a LoRA reference shares the policy's head) and partitioned
+        if p is not None and hasattr(p, "ds_id") and all(p is not q for q in todo) \
                 and getattr(p.ds_status, "name", "") != "AVAILABLE":
             todo.append(p)
     if not todo:
         yield
         return
     import deepspeed
-    _GATHERED.update(id(p) for p in todo)
-    try:
-        with deepspeed.zero.GatheredParameters(todo):
-            yield
-    finally:
-        _GATHERED.difference_update(id(p) for p in todo)
+    with deepspeed.zero.GatheredParameters(todo):
+        yield
 
 
 def _unshard_for_loss(inner, head):

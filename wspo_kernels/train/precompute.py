@@ -83,14 +83,18 @@ def _cache_matches(output_dir, wanted, log=None) -> bool:
 def load_cached_logps(dataset, output_dir, *, model_ids: dict, shard_size: int = 256):
     """The dataset with its logps columns when ``output_dir`` holds a complete cache made for exactly
     this dataset and these models (no model needs to be loaded), else None."""
+    return _complete_cache(output_dir, cache_fingerprint(dataset, model_ids, shard_size))
+
+
+def _complete_cache(output_dir, wanted):
     from datasets import load_from_disk
-    if not _cache_matches(output_dir, cache_fingerprint(dataset, model_ids, shard_size)):
+    if not _cache_matches(output_dir, wanted):
         return None
     try:
         result = load_from_disk(os.path.join(output_dir, "dataset"))
     except Exception:  # incomplete or broken: precompute_logps checks the shards one by one
         return None
-    return result if len(result) == len(dataset) else None
+    return result if len(result) == wanted["rows"] else None
 
 
 def _shard_logps(models, rows, collate, device, backend):
@@ -152,11 +156,10 @@ def precompute_logps(dataset, *, ref_model=None, weak_aligned_model=None, weak_b
             model_ids = {role: model_fingerprint(m) for role, m in models.items()}
         elif set(model_ids) != set(models):
             raise ValueError(f"model_ids names {sorted(model_ids)}, the models given are {sorted(models)}")
-        if resume:
-            done = load_cached_logps(dataset, output_dir, model_ids=model_ids, shard_size=shard_size)
-            if done is not None:
-                return done
-        wanted = cache_fingerprint(dataset, model_ids, shard_size)
+        wanted = cache_fingerprint(dataset, model_ids, shard_size)  # hashes every row: once
+        done = _complete_cache(output_dir, wanted) if resume else None
+        if done is not None:
+            return done
         resume = resume and _cache_matches(output_dir, wanted, log)
         shard_dir = os.path.join(output_dir, "shards")
         if not resume:
