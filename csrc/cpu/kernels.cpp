@@ -122,15 +122,59 @@ inline void for_steps(const T* x, int64_t n, float fill, F&& f) {
 }
 
 // ------------------------------------------------------------------------------------------ row math
-// Vector exp: ATen's exp_u20 where this torch has it (a degree-5 polynomial on 2^n: at most 20 ulp,
-// ~1.2e-6 relative, far inside the documented 1e-5 tolerances; -inf -> 0; about twice the throughput
-// of the 1-ulp exp, which bounds these kernels).  exp_u20 maps NaN to a finite value, so the row max
+// Vector exp of x <= 0 (every exponent in these kernels is a logit minus a running max at least as
+// large).  x = n ln2 + t, |t| <= ln2/2, exp(x) = 2^n p(t), p the degree-5 polynomial of ATen's
+// exp_u20 (at most 20 ulp: ~1.2e-6 relative, far inside the documented 1e-5 tolerances), ln2 split
+// in two so t is exact; x below log(FLT_MIN) gives 0 (exactly 0 for -inf).  On AVX-512 and AVX2 it is
+// written for that domain: no overflow path, 2^n by scalef (AVX-512) or exponent bits (AVX2), ~11 and
+// ~15 instructions instead of exp_u20's ~18 -- these kernels are bound by it.  Elsewhere ATen's
+// exp_u20 (or its 1-ulp exp on a torch without it).  NaN maps to a finite value, so the row max
 // below propagates NaN itself: a NaN logit in a counted row still gives a NaN logp.
+constexpr float kExpUnderflow = -87.33654f;  // log(FLT_MIN)
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.42860682030941723e-06f;  // ln 2 = hi + lo, hi exact in 16 bits
+constexpr float kExpC1 = 0.999999701f, kExpC2 = 0.499991506f, kExpC3 = 0.166676521f, kExpC4 = 0.0418978221f,
+                kExpC5 = 0.00828929059f;
+
 template <typename V, typename = void>
 struct HasExpU20 : std::false_type {};
 template <typename V>
 struct HasExpU20<V, std::void_t<decltype(std::declval<const V&>().exp_u20())>> : std::true_type {};
 
+#if defined(CPU_CAPABILITY_AVX512)
+inline Vec vexp(const Vec& v) {
+  const __m512 floor_x = _mm512_set1_ps(kExpUnderflow);
+  const __m512 x = _mm512_max_ps(v, floor_x);  // n >= -126 below
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 t = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  t = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), t);
+  __m512 p = _mm512_fmadd_ps(t, _mm512_set1_ps(kExpC5), _mm512_set1_ps(kExpC4));
+  p = _mm512_fmadd_ps(t, p, _mm512_set1_ps(kExpC3));
+  p = _mm512_fmadd_ps(t, p, _mm512_set1_ps(kExpC2));
+  p = _mm512_fmadd_ps(t, p, _mm512_set1_ps(kExpC1));
+  p = _mm512_fmadd_ps(t, p, _mm512_set1_ps(1.f));
+  const __mmask16 keep = _mm512_cmp_ps_mask(v, floor_x, _CMP_GE_OQ);
+  return _mm512_maskz_scalef_ps(keep, p, n);
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline Vec vexp(const Vec& v) {
+  const __m256 floor_x = _mm256_set1_ps(kExpUnderflow);
+  const __m256 x = _mm256_max_ps(v, floor_x);  // n >= -126: 2^n is a normal float
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 t = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  t = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), t);
+  __m256 p = _mm256_fmadd_ps(t, _mm256_set1_ps(kExpC5), _mm256_set1_ps(kExpC4));
+  p = _mm256_fmadd_ps(t, p, _mm256_set1_ps(kExpC3));
+  p = _mm256_fmadd_ps(t, p, _mm256_set1_ps(kExpC2));
+  p = _mm256_fmadd_ps(t, p, _mm256_set1_ps(kExpC1));
+  p = _mm256_fmadd_ps(t, p, _mm256_set1_ps(1.f));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 keep = _mm256_cmp_ps(v, floor_x, _CMP_GE_OQ);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(two_n)), keep);
+}
+#else
 inline Vec vexp(const Vec& x) {
   if constexpr (HasExpU20<Vec>::value) {
     return x.exp_u20();
@@ -138,64 +182,107 @@ inline Vec vexp(const Vec& x) {
     return x.exp();
   }
 }
+#endif
 
 struct Stats {  // a row's max m, sum s of exp(z - m), and that sum r without the label's term
   float m, s, r;
 };
 
+// Software prefetch: the max sweep of block b+1 reads from memory with only as many cache lines in
+// flight as the out-of-order window (full of block b's exps) holds, so each step also prefetches
+// kPrefetchAhead elements further on (measured on Zen 4: 256 / 512 / 1024 / 2048 elements ahead;
+// 512 was best).  A prefetch never faults, so reaching past the row (into the next one) is harmless.
+constexpr int64_t kCacheLine = 64;
+constexpr int64_t kPrefetchAhead = 512;
+template <typename T>
+constexpr int64_t kStepBytes = RowIO<T>::kStep * static_cast<int64_t>(sizeof(T));
+inline void prefetch(const char* p) { __builtin_prefetch(p, 0, 3); }
+
+// The maximum of n elements (n <= kBlock), -inf for n = 0; NaN propagates.
+template <typename T>
+inline float block_max(const T* xb, int64_t n) {
+  Vec vmax(kNegInf);
+  for_steps(xb, n, kNegInf, [&](const Vec& a, const Vec& b) { vmax = at::vec::maximum(vmax, at::vec::maximum(a, b)); });
+  return hmax(vmax);
+}
+
 // The row statistics in one sweep from memory; with kKeepExp the exps e_v = exp(z_v - m_b) are also
 // stored to `e` (fp32, may alias an fp32 x) and each block's running max m_b to `block_m`, for the
-// one-exp gradient sweep below.  z_y is read first; the label's slot of `e` is left unwritten.
+// one-exp gradient sweep below.  z_y is read first; the label's slot of `e` gets 0 (it is not summed).
+//
+// Software-pipelined: block b's exps (from L1, compute-bound) run in the same loop as block b+1's max
+// (from memory, latency-bound), so the memory reads overlap the exps instead of alternating with
+// them; only block 0's max runs alone.
 template <bool kKeepExp, typename T>
 Stats row_stats_impl(const T* x, float* e, int64_t V, int64_t y, float* block_m) {
   using IO = RowIO<T>;
   const int64_t vs = Vec::size();
   const float z_y = static_cast<float>(x[y]);
   float m = kNegInf, r = 0.f;
+  float next_max = block_max(x, std::min(kBlock, V));
   for (int64_t b0 = 0, bi = 0; b0 < V; b0 += kBlock, ++bi) {
     const T* xb = x + b0;
-    const int64_t n = std::min(kBlock, V - b0);
-    Vec vmax(kNegInf);
-    for_steps(xb, n, kNegInf,
-              [&](const Vec& a, const Vec& b) { vmax = at::vec::maximum(vmax, at::vec::maximum(a, b)); });
-    const float block_max = hmax(vmax);
-    if constexpr (kKeepExp) block_m[bi] = block_max;
-    if (block_max == kNegInf) continue;  // nothing to add (and no -inf - -inf); the gradient sweep zeroes it
-    const float m_new = (block_max > m || std::isnan(block_max)) ? block_max : m;  // NaN sticks
+    const T* xn = xb + kBlock;  // the next block, n_next (<= n) elements
+    const int64_t n = std::min(kBlock, V - b0), n_next = std::max<int64_t>(0, std::min(kBlock, V - b0 - kBlock));
+    const float bmax = next_max;
+    if constexpr (kKeepExp) block_m[bi] = bmax;
+    if (bmax == kNegInf) {  // nothing to add (and no -inf - -inf); the gradient sweep zeroes it
+      next_max = block_max(xn, n_next);
+      continue;
+    }
+    const float m_new = (bmax > m || std::isnan(bmax)) ? bmax : m;  // NaN sticks
     r *= std::exp(m - m_new);
     m = m_new;
     if constexpr (kKeepExp) block_m[bi] = m;
     const Vec vm(m);
-    Vec vsum(0.f);
-    auto segment = [&](int64_t lo, int64_t hi) {  // exps over [lo, hi) of the block, summed (and kept)
-      Vec a, b;
-      int64_t j = lo;
-      for (; j + IO::kStep <= hi; j += IO::kStep) {
-        IO::load(xb + j, a, b);
-        a = vexp(a - vm);
-        b = vexp(b - vm);
-        if constexpr (kKeepExp) {
+    const int64_t yl = y - b0;                                     // the label's offset in this block
+    const int64_t jy = yl >= 0 && yl < n ? yl - yl % IO::kStep : -1;  // the step holding it
+    Vec vsum(0.f), vmax(kNegInf);
+    auto exps = [&](int64_t j, Vec a, Vec b, int64_t len) {  // one step of block b: exps, kept and summed
+      a = vexp(a - vm);
+      b = vexp(b - vm);
+      if (j == jy) {  // leave the label out of r (once per row)
+        alignas(64) float tmp[2 * Vec::size()];
+        a.store(tmp);
+        b.store(tmp + vs);
+        tmp[yl - j] = 0.f;
+        a = Vec::loadu(tmp);
+        b = Vec::loadu(tmp + vs);
+      }
+      if constexpr (kKeepExp) {
+        if (len == IO::kStep) {
           a.store(e + b0 + j);
           b.store(e + b0 + j + vs);
+        } else {
+          RowIO<float>::store_tail(e + b0 + j, len, a, b);
         }
-        vsum += a + b;
       }
-      if (j < hi) {
-        IO::load_tail(xb + j, hi - j, kNegInf, a, b);
-        a = vexp(a - vm);
-        b = vexp(b - vm);
-        if constexpr (kKeepExp) RowIO<float>::store_tail(e + b0 + j, hi - j, a, b);
-        vsum += a + b;
-      }
+      vsum += a + b;
     };
-    const int64_t yl = y - b0;
-    if (yl >= 0 && yl < n) {  // the block holding the label: around it
-      segment(0, yl);
-      segment(yl + 1, n);
-    } else {
-      segment(0, n);
+    Vec a, b, c, d;
+    int64_t j = 0;
+    const char* ahead = reinterpret_cast<const char*>(xn + kPrefetchAhead);
+    for (; j + IO::kStep <= n_next; j += IO::kStep) {  // both blocks full here (n_next <= n)
+      for (int64_t line = 0; line < kStepBytes<T>; line += kCacheLine) prefetch(ahead + j * sizeof(T) + line);
+      IO::load(xb + j, a, b);
+      IO::load(xn + j, c, d);
+      vmax = at::vec::maximum(vmax, at::vec::maximum(c, d));
+      exps(j, a, b, IO::kStep);
+    }
+    if (j < n_next) {  // the next block's tail
+      IO::load_tail(xn + j, n_next - j, kNegInf, c, d);
+      vmax = at::vec::maximum(vmax, at::vec::maximum(c, d));
+    }
+    for (; j + IO::kStep <= n; j += IO::kStep) {
+      IO::load(xb + j, a, b);
+      exps(j, a, b, IO::kStep);
+    }
+    if (j < n) {
+      IO::load_tail(xb + j, n - j, kNegInf, a, b);
+      exps(j, a, b, n - j);
     }
     r += hsum(vsum);
+    next_max = hmax(vmax);
   }
   return {m, r + std::exp(z_y - m), r};
 }
@@ -413,6 +500,20 @@ void scale_rows(const Job& j, int64_t begin, int64_t end, float* scratch) {
   });
 }
 
+// buf = exp(buf) with the kernels' vector exp (x <= 0): its accuracy, tested against float64.
+void exp_values(float* buf, int64_t n) {
+  Vec a, b;
+  int64_t j = 0;
+  for (; j + 2 * Vec::size() <= n; j += 2 * Vec::size()) {
+    RowIO<float>::load(buf + j, a, b);
+    RowIO<float>::store(buf + j, vexp(a), vexp(b));
+  }
+  if (j < n) {
+    RowIO<float>::load_tail(buf + j, n - j, 0.f, a, b);
+    RowIO<float>::store_tail(buf + j, n - j, vexp(a), vexp(b));
+  }
+}
+
 // The exp floor of the benchmarks: buf = exp(buf - 1) in place (values stay in (1/e, 1]), L1-resident,
 // with the same vector exp the kernels use.
 void exp_sweep(float* buf, int64_t n, int64_t repeats) {
@@ -428,7 +529,7 @@ const KernelTable& WSPO_TABLE() {
   static const KernelTable table{WSPO_CAPABILITY_NAME,           CPU_CAPABILITY::logprobs,
                                  CPU_CAPABILITY::logprobs_backward, CPU_CAPABILITY::weak_log_ratio,
                                  CPU_CAPABILITY::wspo,           CPU_CAPABILITY::scale_rows,
-                                 CPU_CAPABILITY::exp_sweep};
+                                 CPU_CAPABILITY::exp_sweep,      CPU_CAPABILITY::exp_values};
   return table;
 }
 

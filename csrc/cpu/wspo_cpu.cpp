@@ -240,6 +240,13 @@ double exp_rate(int64_t repeats) {
   return static_cast<double>(threads) * kFloats * repeats / seconds / 1e9;
 }
 
+// x = exp(x) in place with the active copy's vector exp, for x <= 0 (contiguous float32): its accuracy.
+void vec_exp_(Tensor x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "vec_exp_ takes a contiguous CPU float32 tensor");
+  active().exp_values(x.data_ptr<float>(), x.numel());
+}
+
 }  // namespace wspo_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -249,6 +256,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("use_capability", &wspo_cpu::use_capability, "run the kernel copy for this capability");
   m.def("capability", &wspo_cpu::capability, "the capability whose kernels run");
   m.def("exp_rate", &wspo_cpu::exp_rate, "G exp/s of the active copy's vector exp on every thread", py::arg("repeats"));
+  m.def("vec_exp_", &wspo_cpu::vec_exp_, "x = exp(x) in place with the kernels' vector exp (x <= 0)");
   m.def("logprobs", &wspo_cpu::logprobs,
         "per-row logp [N] and statistics [3, N] (max, sum of exp, that sum without the label)");
   m.def("logprobs_backward", &wspo_cpu::logprobs_backward, "grad_logp * (onehot - softmax) into out");
