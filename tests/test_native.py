@@ -220,3 +220,58 @@ def test_vector_exp_accuracy(capability):
     assert rel[worst] <= 20 * 2.0 ** -24, f"exp({x[normal][worst]:.9g}) = {got[normal][worst]:.9g}, rel {rel[worst]:.3g}"
     assert (got[~normal].double() - want[~normal]).abs().max() <= tiny
     assert got[-1] == 0 and (got >= 0).all()
+
+
+def _grad_of_one_step(p, labels, frozen):
+    wk.wspo_loss(p, labels, ref=frozen[0], weak_aligned=frozen[1], weak_base=frozen[2], shift=False,
+                 backend="native").backward()
+    grad, p.grad = p.grad, None
+    return grad
+
+
+def test_gradient_buffers_are_reused_only_once_freed():
+    """The CPU gradient-buffer cache hands a freed gradient's block to the next step, never one still held."""
+    g = torch.Generator().manual_seed(5)
+    x = [torch.randn(4, 7, 3001, generator=g) for _ in range(4)]
+    labels = make_labels((4, 7), 3001, generator=g)
+    p = x[0].clone().requires_grad_()
+    wk.empty_cache()
+    first = _grad_of_one_step(p, labels, x[1:])
+    want, where = first.clone(), first.data_ptr()
+    assert wk.cached_bytes() == 0                     # held by `first`
+    second = _grad_of_one_step(p, labels, x[1:])
+    assert second.data_ptr() != where and torch.equal(first, want) and torch.equal(second, want)
+    del first
+    assert wk.cached_bytes() >= want.numel() * 4      # freed: kept
+    del second                                        # also freed: the cache keeps one block
+    assert wk.cached_bytes() >= want.numel() * 4
+    third = _grad_of_one_step(p, labels, x[1:])
+    assert wk.cached_bytes() == 0 and torch.equal(third, want)
+    del third
+    wk.empty_cache()
+    assert wk.cached_bytes() == 0
+
+
+def test_gradient_buffer_cache_can_be_turned_off():
+    g = torch.Generator().manual_seed(6)
+    x = [torch.randn(3, 500, generator=g) for _ in range(4)]
+    labels = make_labels((3,), 500, generator=g)
+    p = x[0].clone().requires_grad_()
+    EXT.set_cache_enabled(False)
+    try:
+        _grad_of_one_step(p, labels, x[1:])
+        assert wk.cached_bytes() == 0
+    finally:
+        EXT.set_cache_enabled(True)
+
+
+def test_large_fresh_buffers_are_prefaulted_and_usable():
+    """Blocks >= 64 MiB are faulted in up front (MADV_POPULATE_WRITE where the kernel has it)."""
+    wk.empty_cache()
+    like = torch.empty(17 * 2 ** 20, dtype=torch.float32)  # 68 MiB, never touched
+    buf = EXT.cached_empty_like(like)
+    assert buf.shape == like.shape and buf.is_contiguous() and buf.data_ptr() % 64 == 0
+    buf.fill_(2.0)
+    assert float(buf.sum(dtype=torch.float64)) == 2.0 * like.numel()
+    del buf
+    wk.empty_cache()

@@ -1,7 +1,8 @@
 """Resident-memory probes (Linux /proc): how benchmarks and the demo measure CPU peak memory.
 
 Peak extra memory of a step = the resident-set high-water mark (VmHWM) after the step minus the
-resident set before it, with the mark reset (``/proc/self/clear_refs``) just before the step.
+resident set before it (less what the native CPU gradient-buffer cache holds), with the mark reset
+(``/proc/self/clear_refs``) just before the step.
 Elsewhere the probes return NaN rather than a made-up number.
 """
 import math
@@ -30,8 +31,13 @@ def reset_peak() -> bool:
 
 
 def start_window() -> float:
-    """Resident MiB now, with the high-water mark reset: pass it to ``peak_extra_mib``."""
-    base = status_mib("VmRSS")
+    """Resident MiB now, with the high-water mark reset: pass it to ``peak_extra_mib``.
+
+    What the native CPU gradient-buffer cache holds is left out of the resident set: a step that reuses
+    that block needs it as much as a step that allocates one, so it counts as the step's memory.
+    """
+    from .backends.native import cached_bytes
+    base = status_mib("VmRSS") - cached_bytes() / 2 ** 20
     return base if reset_peak() else math.nan
 
 

@@ -37,7 +37,7 @@ MIN_CHUNK_ROWS = 256
 CHUNK_ENV_VAR = "WSPO_KERNELS_LINEAR_CHUNK_MB"
 
 
-def _chunks(n_rows: int, vocab: int, hidden_size: int = 0, device_type: str = "cpu"):
+def _chunk_rows(n_rows: int, vocab: int, hidden_size: int = 0, device_type: str = "cpu") -> int:
     if os.environ.get(CHUNK_ENV_VAR):
         step = max(1, int(float(os.environ[CHUNK_ENV_VAR]) * 2 ** 20) // 4 // vocab)
     elif device_type == "cuda" and hidden_size:
@@ -45,8 +45,31 @@ def _chunks(n_rows: int, vocab: int, hidden_size: int = 0, device_type: str = "c
         step = max(MIN_CHUNK_ROWS, 1 << max(0, rows - 1).bit_length())
     else:
         step = max(MIN_CHUNK_ROWS, LINEAR_CHUNK_ELEMS // vocab)
-    for r0 in range(0, n_rows, step):
-        yield slice(r0, min(r0 + step, n_rows))
+    return max(1, min(step, n_rows))
+
+
+class _Chunks:
+    """Row slices of one call, and the one logits buffer every chunk's GEMM writes into (``z(r)``).
+
+    One buffer per call rather than a fresh GEMM result per chunk; on the CPU it comes from the rows
+    backend's buffer cache where it keeps one (native: a freed block is handed out again), as a fresh
+    64 MB block costs a page fault per 4 KiB on first touch -- on every chunk of every model, since
+    blocks this large go back to the OS when freed.
+    """
+
+    def __init__(self, rows, hidden, vocab, acc):
+        n = hidden.shape[0]
+        self.step = _chunk_rows(n, vocab, hidden.shape[1], hidden.device.type)
+        self.slices = [slice(r0, min(r0 + self.step, n)) for r0 in range(0, n, self.step)]
+        like = torch.empty((), dtype=acc, device=hidden.device).expand(self.step, vocab)
+        new = getattr(rows, "empty_grad_like", None)
+        self.buffer = new(like) if new is not None else torch.empty(like.shape, dtype=acc, device=hidden.device)
+
+    def __iter__(self):
+        return iter(self.slices)
+
+    def z(self, r):
+        return self.buffer[: r.stop - r.start]
 
 
 _HAS_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=): torch >= 2.8
@@ -69,12 +92,13 @@ class _Gemms:
         self.lowp_dtype = weight.dtype
         self.bias = None if bias is None else bias.to(self.acc)
 
-    def logits(self, h_c):
+    def logits(self, h_c, out):
+        """z_c = h_c W^T + b into ``out`` (fp32, the chunk's rows)."""
         if self.native:
-            z = torch.mm(h_c, self.weight.t(), out_dtype=torch.float32)
+            torch.mm(h_c, self.weight.t(), out_dtype=torch.float32, out=out)
         else:
-            z = h_c.to(self.acc) @ self.weight.t()
-        return z if self.bias is None else z.add_(self.bias)
+            torch.mm(h_c.to(self.acc), self.weight.t(), out=out)
+        return out if self.bias is None else out.add_(self.bias)
 
     def backprop(self, g, h_c, labels_c, ignore_index, dh, dw, db, r):
         """One chunk's logits gradient ``g`` through the GEMM into dh, dW, db (None: not wanted)."""
@@ -84,8 +108,11 @@ class _Gemms:
         g_in = g.to(self.lowp_dtype) if self.round_g else g
         if not self.native:
             g_in = g_in.to(self.acc)
-        if dh is not None:
-            dh[r] = g_in @ self.weight   # accumulated in fp32 (cuBLAS does for bf16 / fp16), rounded once into dh
+        if dh is not None:   # accumulated in fp32 (cuBLAS does for bf16 / fp16), rounded once into dh
+            if dh.dtype == g_in.dtype:
+                torch.mm(g_in, self.weight, out=dh[r])
+            else:
+                dh[r] = g_in @ self.weight
         if dw is not None:
             h_live = torch.where(live, h_c, torch.zeros((), dtype=h_c.dtype, device=h_c.device))
             if self.native and _ADDMM_MIXED:
@@ -101,8 +128,9 @@ def linear_logprobs(rows, hidden, weight, bias, labels, ignore_index):
     n = hidden.shape[0]
     logp = torch.empty(n, dtype=gemms.acc, device=hidden.device)
     stats = torch.empty(STATS_ROWS, n, dtype=gemms.acc, device=hidden.device)
-    for r in _chunks(n, weight.shape[0], hidden.shape[1], hidden.device.type):
-        logp[r], stats[:, r] = rows.logprobs(gemms.logits(hidden[r]), labels[r], ignore_index)
+    chunks = _Chunks(rows, hidden, weight.shape[0], gemms.acc)
+    for r in chunks:
+        logp[r], stats[:, r] = rows.logprobs(gemms.logits(hidden[r], chunks.z(r)), labels[r], ignore_index)
     return logp, stats
 
 
@@ -124,8 +152,9 @@ def linear_logprobs_backward(rows, grad_logp, hidden, weight, bias, labels, stat
                              grad_hidden, grad_weight):
     gemms = _Gemms(hidden, weight, bias)
     dh, dw, db = _grad_buffers(hidden, weight, bias, gemms.acc, grad_hidden, grad_weight)
-    for r in _chunks(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.device.type):
-        z = gemms.logits(hidden[r])
+    chunks = _Chunks(rows, hidden, weight.shape[0], gemms.acc)
+    for r in chunks:
+        z = gemms.logits(hidden[r], chunks.z(r))
         g = rows.logprobs_backward(z, labels[r], stats[:, r], grad_logp[r], ignore_index, out=z)
         gemms.backprop(g, hidden[r], labels[r], ignore_index, dh, dw, db, r)
     return _finish(hidden, weight, bias, dh, dw, db)
@@ -140,8 +169,9 @@ def linear_wspo(rows, hidden, weight, bias, labels, k, weight_t, gamma, ignore_i
     loss = torch.zeros((), dtype=acc, device=hidden.device)
     compute_grad = grad_hidden or grad_weight
     dh, dw, db = _grad_buffers(hidden, weight, bias, acc, grad_hidden, grad_weight)
-    for r in _chunks(n, weight.shape[0], hidden.shape[1], hidden.device.type):
-        z = gemms.logits(hidden[r])
+    chunks = _Chunks(rows, hidden, weight.shape[0], acc)
+    for r in chunks:
+        z = gemms.logits(hidden[r], chunks.z(r))
         loss_r, logp[r] = rows.wspo_rows(z, labels[r], k[r], weight_t[r], gamma, ignore_index,
                                          z if compute_grad else None)
         loss += loss_r.sum()

@@ -71,8 +71,8 @@ def _(logits, labels, ignore_index, backend):
 @torch.library.custom_op(f"{_LIB}::logprobs_backward", mutates_args=())
 def logprobs_backward(grad_logp: Tensor, logits: Tensor, labels: Tensor, stats: Tensor, ignore_index: int,
                       backend: str) -> Tensor:
-    out = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    return _rows_backend(backend, logits).logprobs_backward(logits, labels, stats, grad_logp, ignore_index, out)
+    rows = _rows_backend(backend, logits)
+    return rows.logprobs_backward(logits, labels, stats, grad_logp, ignore_index, _grad_buffer(logits, True, rows))
 
 
 @logprobs_backward.register_fake
@@ -108,15 +108,19 @@ def _(aligned, base, labels, ignore_index, backend):
 
 
 # ----------------------------------------------------------------------------- WSPO from logits
-def _grad_buffer(policy: Tensor, compute_grad: bool) -> Tensor:
-    """A fresh gradient buffer of the policy operand's shape ([N, V] or [B, T, V]), contiguous."""
-    return torch.empty_like(policy, memory_format=torch.contiguous_format) if compute_grad else policy.new_empty(0)
+def _grad_buffer(policy: Tensor, compute_grad: bool, rows=None) -> Tensor:
+    """A gradient buffer of the policy operand's shape ([N, V] or [B, T, V]), contiguous: from the
+    backend's buffer cache where it keeps one (``rows.empty_grad_like``: native CPU), else fresh."""
+    if not compute_grad:
+        return policy.new_empty(0)
+    new = getattr(rows, "empty_grad_like", None)
+    return new(policy) if new is not None else torch.empty_like(policy, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op(f"{_LIB}::wspo_rows", mutates_args=())
 def wspo_rows(policy: Tensor, labels: Tensor, k: Tensor, weight: Tensor, gamma: float, ignore_index: int,
               compute_grad: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    grad = _grad_buffer(policy, compute_grad)
+    grad = _grad_buffer(policy, compute_grad, _rows_backend(backend, policy))
     loss, logp = run_wspo_rows(policy, labels, k, weight, gamma, ignore_index, grad if compute_grad else None,
                                backend)
     return loss, logp, grad
@@ -138,7 +142,7 @@ def _(policy, labels, k, weight, gamma, ignore_index, compute_grad, backend):
 @torch.library.custom_op(f"{_LIB}::wspo_four", mutates_args=())
 def wspo_four(policy: Tensor, ref: Tensor, aligned: Tensor, base: Tensor, labels: Tensor, weight: Tensor,
               gamma: float, ignore_index: int, compute_grad: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    grad = _grad_buffer(policy, compute_grad)
+    grad = _grad_buffer(policy, compute_grad, _rows_backend(backend, policy, ref, aligned, base))
     loss, logps = run_wspo_four(policy, ref, aligned, base, labels, weight, gamma, ignore_index,
                                 grad if compute_grad else None, backend)
     return loss, logps, grad

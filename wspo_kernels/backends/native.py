@@ -26,6 +26,7 @@ _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abs
 _CPU_SOURCES = [os.path.join(_CSRC, "wspo_cpu.cpp"), os.path.join(_CSRC, "kernels.cpp")]
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _loaded = {}   # device type -> module, or the reason it is missing (str)
+CACHE_ENV_VAR = "WSPO_KERNELS_CPU_CACHE"   # 0: no gradient-buffer cache (see empty_grad_like)
 
 
 def _jit_build_cpu():
@@ -53,6 +54,7 @@ def _find_cpu():
         except Exception as exc:  # a failed JIT build leaves the portable backend in charge
             return f"JIT build failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
     module.use_capability(preferred_capability(module))
+    module.set_cache_enabled(os.environ.get(CACHE_ENV_VAR, "1") != "0")
     return module
 
 
@@ -116,6 +118,29 @@ def wspo_four(policy, ref, aligned, base, labels, weight, gamma, ignore_index, g
         return loss, torch.cat([logp[None], logps])
     return tuple(_ext(policy).wspo_four(policy, ref, aligned, base, labels.contiguous(), weight, gamma, ignore_index,
                                         grad))
+
+
+def empty_grad_like(x):
+    """A contiguous gradient buffer like ``x``; on the CPU from the extension's buffer cache, which keeps
+    the last freed one: a fresh N x V buffer costs a page fault per 4 KiB on first touch, as much time
+    as the kernel that fills it (``cached_bytes`` / ``empty_cache``; ``WSPO_KERNELS_CPU_CACHE=0``
+    turns it off; read when the extension loads)."""
+    if x.device.type == "cpu":
+        return _ext(x).cached_empty_like(x)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def cached_bytes() -> int:
+    """Bytes held by the CPU gradient-buffer cache (0 when the extension is not loaded)."""
+    found = _loaded.get("cpu")
+    return 0 if found is None or isinstance(found, str) else found.cached_bytes()
+
+
+def empty_cache() -> None:
+    """Free the block held by the CPU gradient-buffer cache."""
+    found = _loaded.get("cpu")
+    if found is not None and not isinstance(found, str):
+        found.empty_cache()
 
 
 def scale_rows_(grad, scale):
