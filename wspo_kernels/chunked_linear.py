@@ -101,7 +101,10 @@ class _Gemms:
         return out if self.bias is None else out.add_(self.bias)
 
     def backprop(self, g, h_c, labels_c, ignore_index, dh, dw, db, r):
-        """One chunk's logits gradient ``g`` through the GEMM into dh, dW, db (None: not wanted)."""
+        """One chunk's logits gradient ``g`` through the GEMM into dh, dW, db (None: not wanted).
+
+        dW is written by the first chunk's GEMM and accumulated by the others' (no zeroing pass)."""
+        first = r.start == 0
         if db is not None:
             db += g.sum(0)
         live = (labels_c != ignore_index)[:, None]
@@ -116,11 +119,13 @@ class _Gemms:
         if dw is not None:
             h_live = torch.where(live, h_c, torch.zeros((), dtype=h_c.dtype, device=h_c.device))
             if self.native and _ADDMM_MIXED:
-                torch.addmm(dw, g_in.t(), h_live, out_dtype=torch.float32, out=dw)
-            elif self.native:
-                dw.addmm_(g_in.t().float(), h_live.float())
+                if first:
+                    torch.mm(g_in.t(), h_live, out_dtype=torch.float32, out=dw)
+                else:
+                    torch.addmm(dw, g_in.t(), h_live, out_dtype=torch.float32, out=dw)
             else:
-                dw.addmm_(g_in.t(), h_live.to(self.acc))
+                a, b = (g_in.t().float(), h_live.float()) if self.native else (g_in.t(), h_live.to(self.acc))
+                torch.mm(a, b, out=dw) if first else dw.addmm_(a, b)
 
 
 def linear_logprobs(rows, hidden, weight, bias, labels, ignore_index):
@@ -136,7 +141,8 @@ def linear_logprobs(rows, hidden, weight, bias, labels, ignore_index):
 
 def _grad_buffers(hidden, weight, bias, acc, grad_hidden, grad_weight):
     dh = torch.empty_like(hidden) if grad_hidden else None
-    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if grad_weight else None
+    new = torch.empty if hidden.shape[0] > 0 else torch.zeros   # the first chunk writes dW; no chunk: zeros
+    dw = new(weight.shape, dtype=acc, device=weight.device) if grad_weight else None
     db = torch.zeros(bias.shape, dtype=acc, device=bias.device) if grad_weight and bias is not None else None
     return dh, dw, db
 

@@ -126,7 +126,7 @@ inline void for_steps(const T* x, int64_t n, float fill, F&& f) {
 // large).  x = n ln2 + t, |t| <= ln2/2, exp(x) = 2^n p(t), p the degree-5 polynomial of ATen's
 // exp_u20 (at most 20 ulp: ~1.2e-6 relative, far inside the documented 1e-5 tolerances), ln2 split
 // in two so t is exact; x below log(FLT_MIN) gives 0 (exactly 0 for -inf).  On AVX-512 and AVX2 it is
-// written for that domain: no overflow path, 2^n by scalef (AVX-512) or exponent bits (AVX2), ~11 and
+// written for that domain: no overflow path, 2^n by scalef (AVX-512) or exponent bits (AVX2), ~10 and
 // ~15 instructions instead of exp_u20's ~18 -- these kernels are bound by it.  Elsewhere ATen's
 // exp_u20 (or its 1-ulp exp on a torch without it).  NaN maps to a finite value, so the row max
 // below propagates NaN itself: a NaN logit in a counted row still gives a NaN logp.
@@ -143,8 +143,9 @@ struct HasExpU20<V, std::void_t<decltype(std::declval<const V&>().exp_u20())>> :
 
 #if defined(CPU_CAPABILITY_AVX512)
 inline Vec vexp(const Vec& v) {
-  const __m512 floor_x = _mm512_set1_ps(kExpUnderflow);
-  const __m512 x = _mm512_max_ps(v, floor_x);  // n >= -126 below
+  // No clamp: scalef takes any n, and lanes below log(FLT_MIN) (-inf, whose t is NaN, included) are
+  // zeroed by the mask.
+  const __m512 x = v;
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 t = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
@@ -154,7 +155,7 @@ inline Vec vexp(const Vec& v) {
   p = _mm512_fmadd_ps(t, p, _mm512_set1_ps(kExpC2));
   p = _mm512_fmadd_ps(t, p, _mm512_set1_ps(kExpC1));
   p = _mm512_fmadd_ps(t, p, _mm512_set1_ps(1.f));
-  const __mmask16 keep = _mm512_cmp_ps_mask(v, floor_x, _CMP_GE_OQ);
+  const __mmask16 keep = _mm512_cmp_ps_mask(v, _mm512_set1_ps(kExpUnderflow), _CMP_GE_OQ);
   return _mm512_maskz_scalef_ps(keep, p, n);
 }
 #elif defined(CPU_CAPABILITY_AVX2)
