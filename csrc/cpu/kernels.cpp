@@ -142,6 +142,7 @@ template <typename V>
 struct HasExpU20<V, std::void_t<decltype(std::declval<const V&>().exp_u20())>> : std::true_type {};
 
 #if defined(CPU_CAPABILITY_AVX512)
+constexpr const char* kExpVariant = "deg-5 polynomial, scalef (x <= 0)";
 inline Vec vexp(const Vec& v) {
   // No clamp: scalef takes any n, and lanes below log(FLT_MIN) (-inf, whose t is NaN, included) are
   // zeroed by the mask.
@@ -159,6 +160,7 @@ inline Vec vexp(const Vec& v) {
   return _mm512_maskz_scalef_ps(keep, p, n);
 }
 #elif defined(CPU_CAPABILITY_AVX2)
+constexpr const char* kExpVariant = "deg-5 polynomial, exponent bits (x <= 0)";
 inline Vec vexp(const Vec& v) {
   const __m256 floor_x = _mm256_set1_ps(kExpUnderflow);
   const __m256 x = _mm256_max_ps(v, floor_x);  // n >= -126: 2^n is a normal float
@@ -176,6 +178,7 @@ inline Vec vexp(const Vec& v) {
   return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(two_n)), keep);
 }
 #else
+constexpr const char* kExpVariant = HasExpU20<Vec>::value ? "ATen exp_u20" : "ATen exp (1 ulp)";
 inline Vec vexp(const Vec& x) {
   if constexpr (HasExpU20<Vec>::value) {
     return x.exp_u20();
@@ -527,7 +530,8 @@ void exp_sweep(float* buf, int64_t n, int64_t repeats) {
 }  // namespace CPU_CAPABILITY
 
 const KernelTable& WSPO_TABLE() {
-  static const KernelTable table{WSPO_CAPABILITY_NAME,           CPU_CAPABILITY::logprobs,
+  static const KernelTable table{WSPO_CAPABILITY_NAME,           CPU_CAPABILITY::kExpVariant,
+                                 CPU_CAPABILITY::logprobs,
                                  CPU_CAPABILITY::logprobs_backward, CPU_CAPABILITY::weak_log_ratio,
                                  CPU_CAPABILITY::wspo,           CPU_CAPABILITY::scale_rows,
                                  CPU_CAPABILITY::exp_sweep,      CPU_CAPABILITY::exp_values};

@@ -51,6 +51,7 @@ inline int64_t scratch_floats(const Job& j) {
 
 struct KernelTable {
   const char* capability;
+  const char* exp_variant;  // which vector exp the kernels use (kernels.cpp: vexp), for result tables
   RowKernel logprobs, logprobs_backward, weak_log_ratio, wspo, scale_rows;
   void (*exp_sweep)(float* buf, int64_t n, int64_t repeats);  // buf = exp(buf - 1), repeatedly: the exp rate
   void (*exp_values)(float* buf, int64_t n);                  // buf = exp(buf), buf <= 0: the exp's accuracy

@@ -366,6 +366,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "kernel copies compiled in and supported by this CPU, best first");
   m.def("use_capability", &wspo_cpu::use_capability, "run the kernel copy for this capability");
   m.def("capability", &wspo_cpu::capability, "the capability whose kernels run");
+  m.def("exp_variant", []() { return std::string(wspo_cpu::active().exp_variant); },
+        "the vector exp of the kernels that run");
   m.def("exp_rate", &wspo_cpu::exp_rate, "G exp/s of the active copy's vector exp on every thread", py::arg("repeats"));
   m.def("cached_empty_like", &wspo_cpu::cached_empty_like,
         "an uninitialised contiguous tensor like this one, from the gradient-buffer cache");

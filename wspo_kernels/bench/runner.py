@@ -157,6 +157,7 @@ def machine_info(device):
         info["isa"] = f"torch {torch.backends.cpu.get_cpu_capability()}, native {native.capability() or 'unavailable'}"
         module = native._module("cpu")
         if not isinstance(module, str):  # the exp floor: G exp/s of that copy's vector exp, every thread
+            info["isa"] += f" (exp: {module.exp_variant()})"
             module.exp_rate(2000)
             info["exp_gps"] = max(module.exp_rate(20000) for _ in range(3))
     here = os.path.dirname(os.path.abspath(__file__))
