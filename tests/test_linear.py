@@ -160,10 +160,11 @@ def test_chunk_rows_follow_the_byte_budget(monkeypatch):
         step = chunked_linear._chunk_rows(n, v)
         return [min(step, n - r0) for r0 in range(0, n, step)]
 
-    assert sizes(4096, 32000) == [524] * 7 + [4096 - 7 * 524]          # 64 MB of fp32 logits
+    assert sizes(4096, 32000) == [1024] * 4                             # <= 128 MB of fp32 logits, equal chunks
+    assert sizes(4000, 32000) == [1000] * 4
     assert set(sizes(1024, 152064)) == {256}                             # never skinnier than MIN_CHUNK_ROWS
     gpu = lambda n, v, h: chunked_linear._chunk_rows(n, v, h, "cuda")  # noqa: E731
     assert gpu(8192, 128256, 4096) == 256 and gpu(65536, 152064, 3584) == 2048   # Liger: N / ceil(V / H) rows
     assert gpu(100, 128256, 4096) == 100                                           # one chunk, never skinnier
     monkeypatch.setenv(chunked_linear.CHUNK_ENV_VAR, "256")
-    assert sizes(4096, 32000)[0] == 2097
+    assert sizes(4096, 32000) == [2048] * 2

@@ -15,9 +15,12 @@ Ignored rows have a zero gradient row, and their hidden states are zeroed before
 NaN or inf there (0 * NaN = NaN) never reaches dW.  Mixed dtypes compute in the promoted
 accumulation dtype (fp16 hidden with an fp32 weight: fp32).
 
-Peak extra memory is one chunk of fp32 logits plus the fp32 dW/db accumulators.  On the CPU a chunk is ``LINEAR_CHUNK_ELEMS`` logits (64 MB) but at least ``MIN_CHUNK_ROWS`` rows: skinny GEMMs
-are slow on CPUs (at V=32000, H=512: 131-row chunks ran 16% slower than 524-row ones on 2 Zen 4 cores),
-so a large vocabulary gets a larger chunk, not fewer rows: flat in N.  On a GPU chunks are sized as
+Peak extra memory is one chunk of fp32 logits plus the fp32 dW/db accumulators.  On the CPU a chunk is at
+most ``LINEAR_CHUNK_ELEMS`` logits (128 MB; the rows split into equal chunks) but at least ``MIN_CHUNK_ROWS``
+rows: skinny GEMMs are slow on CPUs, so a large vocabulary gets a larger chunk, not fewer rows: flat in N.
+Measured on 2 Zen 4 cores, four models fwd+bwd at N=2048, H=512, V=32000: 131-row chunks 16% slower than
+524-row ones; 524 / 1024 / 2048 rows (64 / 128 / 256 MB) 2.44 / 2.30 / 2.17 s at +132 / +195 / +320 MiB,
+CCE (which materialises all N rows) 2.16-2.20 s at +285 MiB in the same runs.  On a GPU chunks are sized as
 Liger sizes them (so they grow with N), the next power of two of N / ceil(V / H) rows (a chunk of logits about the size of the hidden
 states: 256 rows, 131 MB, at N=8192, H=4096, V=128256), at least ``MIN_CHUNK_ROWS``: GEMMs with a few
 dozen rows leave a GPU idle and stream the whole weight once per chunk.  ``WSPO_KERNELS_LINEAR_CHUNK_MB``
@@ -32,7 +35,7 @@ import torch
 
 from ._inputs import STATS_ROWS, acc_dtype as _acc
 
-LINEAR_CHUNK_ELEMS = 1 << 24   # fp32 logits per chunk (64 MB)
+LINEAR_CHUNK_ELEMS = 1 << 25   # fp32 logits per chunk (128 MB)
 MIN_CHUNK_ROWS = 256
 CHUNK_ENV_VAR = "WSPO_KERNELS_LINEAR_CHUNK_MB"
 
@@ -45,7 +48,8 @@ def _chunk_rows(n_rows: int, vocab: int, hidden_size: int = 0, device_type: str 
         step = max(MIN_CHUNK_ROWS, 1 << max(0, rows - 1).bit_length())
     else:
         step = max(MIN_CHUNK_ROWS, LINEAR_CHUNK_ELEMS // vocab)
-    return max(1, min(step, n_rows))
+    n_chunks = max(1, -(-n_rows // max(1, step)))
+    return max(1, -(-n_rows // n_chunks))   # balanced: no short last chunk
 
 
 class _Chunks:

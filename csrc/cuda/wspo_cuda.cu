@@ -5,9 +5,14 @@
 // are read and written in place), labels [N] int64 already shifted, ignore_index rows contribute 0
 // and are never read, float32 accumulation for fp32 / bf16 / fp16 inputs.
 //
-// Online log-sum-exp: each thread keeps a running (m, s) over the elements it reads,
-//     x > m:  s = s * exp(m - x) + 1, m = x        else:  s += exp(x - m)
-// (one exp per element), then the block merges the pairs (m, s) ⊕ (m', s') = (M, s e^{m-M} + s' e^{m'-M}).
+// Online log-sum-exp: each thread keeps a running (m, s) over the 16-byte packs it reads (4 fp32 or 8
+// bf16 / fp16 elements, kUnroll packs in flight per thread): per pack its max M, one rescale
+//     M > m:  s = s * exp(m - M), m = M          then  s += sum_j exp(x_j - m)
+// (one exp per element, computed as ex2.approx((x - m) * log2 e): x - m is formed first, so logits
+// with a large common offset stay exact, which exp2(fma(x, log2 e, -m log2 e)) would not be, as m log2 e
+// rounds), then the block merges the pairs (m, s) ⊕ (m', s') = (M, s e^{m-M} + s' e^{m'-M}).  The
+// pack max propagates NaN (a NaN logit in a counted row gives a NaN logp, as on the CPU).  Rows are
+// peeled to their first 16-byte boundary, so packs are aligned whatever V or the row stride.
 // The label's own term is left out of the sum (it only raises the max): r = sum_{v != y} exp(z_v - m),
 // s = r + exp(z_y - m).  The statistics (m, s, r) stay apart: q = r / s = 1 - p_y and
 // logp = log1p(-q) if q < 1/2 else (z_y - m) - log(s) are exact for logits with a large common offset
@@ -31,33 +36,65 @@ using at::Tensor;
 
 constexpr int kThreads = 512;          // threads per row (block)
 constexpr int kPackBytes = 16;         // vectorised load width
+constexpr int kUnroll = 4;             // packs in flight per thread (64 bytes)
 constexpr float kNegInf = -INFINITY;
+constexpr float kLog2e = 1.4426950408889634f;
+
+// 2^x in one MUFU instruction (max relative error ~2^-22), flushed to 0 below 2^-126: terms that
+// small change no sum that holds the max's own 1, and gradients that small are 0 in every dtype.
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float exp_minus(float x, float m) { return exp2_ftz((x - m) * kLog2e); }
+
+// max that propagates NaN (fmaxf drops it).
+__device__ __forceinline__ float max_nan(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float y;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));
+  return y;
+#else
+  return (a != a || a > b) ? a : b;
+#endif
+}
 
 struct MS {  // running max and sum of exp(x - max)
   float m, s;
 };
 
 __device__ __forceinline__ MS merge(MS a, MS b) {
-  const float m = fmaxf(a.m, b.m);
+  const float m = fmaxf(a.m, b.m);  // a NaN m came with a NaN s, which the sum keeps
   if (m == kNegInf) return {kNegInf, 0.f};
   return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
 }
 
-__device__ __forceinline__ void push(MS& r, float x) {
-  if (x > r.m) {
-    r.s = (r.m == kNegInf ? 0.f : r.s * expf(r.m - x)) + 1.f;
-    r.m = x;
-  } else if (x != kNegInf) {
-    r.s += expf(x - r.m);
+// Raise the running max to M (a NaN M makes m and s NaN for good).
+__device__ __forceinline__ void raise_max(MS& r, float M) {
+  if (!(M <= r.m)) {
+    r.s = r.m == kNegInf ? 0.f : r.s * exp_minus(r.m, M);
+    r.m = M;
   }
 }
 
-// The label's element: raises the max, adds nothing to the sum.
-__device__ __forceinline__ void push_max(MS& r, float x) {
-  if (x > r.m) {
-    r.s = r.m == kNegInf ? 0.f : r.s * expf(r.m - x);
-    r.m = x;
+// P elements starting at column c0; the label's element (column y) raises the max, adds nothing.
+template <int P>
+__device__ __forceinline__ void push_pack(MS& r, const float (&v)[P], int64_t c0, int64_t y) {
+  float M = v[0];
+#pragma unroll
+  for (int j = 1; j < P; ++j) M = max_nan(M, v[j]);
+  raise_max(r, M);
+  if (r.m == kNegInf) return;  // nothing but -inf so far: no -inf - -inf
+  float add = 0.f;
+  if (static_cast<uint64_t>(y - c0) < static_cast<uint64_t>(P)) {  // the pack holding the label (one per row)
+#pragma unroll
+    for (int j = 0; j < P; ++j) add += c0 + j == y ? 0.f : exp_minus(v[j], r.m);
+  } else {
+#pragma unroll
+    for (int j = 0; j < P; ++j) add += exp_minus(v[j], r.m);
   }
+  r.s += add;
 }
 
 struct Stats {  // a row's max m, sum s of exp(z - m), that sum r without the label's term, label logit
@@ -99,54 +136,98 @@ __device__ MS block_merge(MS r) {
   return out;
 }
 
-// Statistics of one row (label y), read with 16-byte loads when the row is aligned.
+// Elements before the row's first 16-byte boundary (at most V).
+template <typename T>
+__device__ __forceinline__ int64_t head_of(const T* x, int64_t V) {
+  const int64_t mis = reinterpret_cast<uintptr_t>(x) % kPackBytes;
+  return min(V, mis == 0 ? int64_t{0} : (kPackBytes - mis) / static_cast<int64_t>(sizeof(T)));
+}
+
+template <typename T>
+struct alignas(kPackBytes) Pack {
+  static constexpr int P = kPackBytes / sizeof(T);
+  T v[P];
+  __device__ __forceinline__ void to_float(float (&f)[P]) const {
+#pragma unroll
+    for (int j = 0; j < P; ++j) f[j] = to_f(v[j]);
+  }
+};
+
+// Statistics of one row (label y): a scalar head up to the 16-byte boundary, kUnroll aligned packs in
+// flight per thread, a scalar tail.
 template <typename T>
 __device__ Stats row_stats(const T* __restrict__ x, int64_t V, int64_t y) {
-  constexpr int P = kPackBytes / sizeof(T);
-  struct alignas(kPackBytes) Pack { T v[P]; };
+  using PackT = Pack<T>;
+  constexpr int P = PackT::P;
   MS r{kNegInf, 0.f};
-  int64_t start = 0;
-  if (reinterpret_cast<uintptr_t>(x) % kPackBytes == 0) {
-    const int64_t n_packs = V / P;
-    const Pack* xp = reinterpret_cast<const Pack*>(x);
-    for (int64_t i = threadIdx.x; i < n_packs; i += kThreads) {
-      const Pack p = xp[i];
+  const int64_t head = head_of(x, V), n_packs = (V - head) / P;
+  for (int64_t i = threadIdx.x; i < head; i += kThreads) {
+    const float v[1] = {to_f(x[i])};
+    push_pack<1>(r, v, i, y);
+  }
+  const PackT* xp = reinterpret_cast<const PackT*>(x + head);
+  for (int64_t i0 = threadIdx.x; i0 < n_packs; i0 += int64_t{kThreads} * kUnroll) {
+    PackT p[kUnroll];
 #pragma unroll
-      for (int j = 0; j < P; ++j) {
-        if (i * P + j == y) push_max(r, to_f(p.v[j]));
-        else push(r, to_f(p.v[j]));
+    for (int u = 0; u < kUnroll; ++u) {  // every load issued before any is used
+      const int64_t i = i0 + int64_t{u} * kThreads;
+      if (i < n_packs) p[u] = xp[i];
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = i0 + int64_t{u} * kThreads;
+      if (i < n_packs) {
+        float v[P];
+        p[u].to_float(v);
+        push_pack<P>(r, v, head + i * P, y);
       }
     }
-    start = n_packs * P;
   }
-  for (int64_t i = start + threadIdx.x; i < V; i += kThreads) {
-    if (i == y) push_max(r, to_f(x[i]));
-    else push(r, to_f(x[i]));
+  for (int64_t i = head + n_packs * P + threadIdx.x; i < V; i += kThreads) {
+    const float v[1] = {to_f(x[i])};
+    push_pack<1>(r, v, i, y);
   }
   r = block_merge(r);
   const float z_y = to_f(x[y]);
   return {r.m, r.s + expf(z_y - r.m), r.s, z_y};
 }
 
-// out = coef * (onehot(y) - exp(x - m) / s), the label entry coef * q; out may alias x.
+// out = coef * (onehot(y) - exp(x - m) / s), the label entry coef * q; out may alias x.  Loads are
+// aligned packs after the head; stores are packs too when out shares x's alignment (else elements).
 template <typename T>
 __device__ void row_grad(const T* x, T* out, int64_t V, Stats st, float coef, int64_t y, float q) {
-  constexpr int P = kPackBytes / sizeof(T);
-  struct alignas(kPackBytes) Pack { T v[P]; };
+  using PackT = Pack<T>;
+  constexpr int P = PackT::P;
   __syncthreads();  // in place (out == x): every thread has read z_y and its inputs before any write
   const float scale = -coef / st.s;
-  int64_t start = 0;
-  if (reinterpret_cast<uintptr_t>(x) % kPackBytes == 0 && reinterpret_cast<uintptr_t>(out) % kPackBytes == 0) {
-    const int64_t n_packs = V / P;
-    for (int64_t i = threadIdx.x; i < n_packs; i += kThreads) {
-      Pack p = reinterpret_cast<const Pack*>(x)[i];
+  const int64_t head = head_of(x, V), n_packs = (V - head) / P;
+  const bool out_aligned = (reinterpret_cast<uintptr_t>(out) - reinterpret_cast<uintptr_t>(x)) % kPackBytes == 0;
+  for (int64_t i = threadIdx.x; i < head; i += kThreads) out[i] = static_cast<T>(scale * exp_minus(to_f(x[i]), st.m));
+  const PackT* xp = reinterpret_cast<const PackT*>(x + head);
+  for (int64_t i0 = threadIdx.x; i0 < n_packs; i0 += int64_t{kThreads} * kUnroll) {
+    PackT p[kUnroll];
 #pragma unroll
-      for (int j = 0; j < P; ++j) p.v[j] = static_cast<T>(scale * expf(to_f(p.v[j]) - st.m));
-      reinterpret_cast<Pack*>(out)[i] = p;
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = i0 + int64_t{u} * kThreads;
+      if (i < n_packs) p[u] = xp[i];
     }
-    start = n_packs * P;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = i0 + int64_t{u} * kThreads;
+      if (i >= n_packs) continue;
+#pragma unroll
+      for (int j = 0; j < P; ++j) p[u].v[j] = static_cast<T>(scale * exp_minus(to_f(p[u].v[j]), st.m));
+      T* o = out + head + i * P;
+      if (out_aligned) {
+        *reinterpret_cast<PackT*>(o) = p[u];
+      } else {
+#pragma unroll
+        for (int j = 0; j < P; ++j) o[j] = p[u].v[j];
+      }
+    }
   }
-  for (int64_t i = start + threadIdx.x; i < V; i += kThreads) out[i] = static_cast<T>(scale * expf(to_f(x[i]) - st.m));
+  for (int64_t i = head + n_packs * P + threadIdx.x; i < V; i += kThreads)
+    out[i] = static_cast<T>(scale * exp_minus(to_f(x[i]), st.m));
   __syncthreads();  // every thread's writes land before the label entry is fixed
   if (threadIdx.x == 0) out[y] = static_cast<T>(coef * q);
 }
