@@ -66,6 +66,38 @@ def test_empty_batch_other_functions(backend, case):
     assert float(loss) == 0.0 and torch.equal(w.grad, torch.zeros_like(w))
 
 
+# ------------------------------------------------------------------------------------------ NaN where counted
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_a_counted_row_is_never_hidden(backend):
+    """NaN anywhere in a counted row (a lone element, the label, a whole 4096-wide block) gives NaN for
+    that row and only that row, forward and through the WSPO gradient."""
+    vocab = 4096 + 904
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, vocab, generator=g)
+    labels = torch.tensor([7, 4000, 4500, 3, 4100, 11])
+    x[0, 2000] = float("nan")           # one element
+    x[1, 4000] = float("nan")           # the label
+    x[2, :4096] = float("nan")          # a whole block, the label outside it
+    x[3, -1] = float("nan")             # the tail
+    x[4, :4096] = -float("inf")         # a block of -inf but for one NaN
+    x[4, 5] = float("nan")
+    logp = wk.token_logprobs(x, labels, backend=backend)
+    assert logp[:5].isnan().all() and torch.isfinite(logp[5]), logp
+    clean, labels = x[5], labels[1:]
+    frozen = [torch.randn(5, vocab, generator=g) for _ in range(3)]
+    for poisoned in range(4):            # NaN in the policy, then in each frozen model
+        for reduction in ("none", "sum"):  # gradient through the logps / written by the one-pass kernel
+            inputs = [clean.expand(5, vocab).clone()] + [f.clone() for f in frozen]
+            inputs[poisoned][0, 123] = float("nan")
+            policy = inputs[0].requires_grad_()
+            loss = wk.wspo_loss(policy, labels, ref=inputs[1], weak_aligned=inputs[2], weak_base=inputs[3],
+                                reduction=reduction, shift=False, backend=backend)
+            per_row = loss if reduction == "none" else loss[None]
+            assert per_row[0].isnan() and torch.isfinite(per_row[1:]).all(), (poisoned, loss)
+            loss.sum().backward()
+            assert policy.grad[0].isnan().all() and torch.isfinite(policy.grad[1:]).all(), (poisoned, reduction)
+
+
 # ------------------------------------------------------------------------------------------ NaN where ignored
 def _poisoned(B=2, T=5, seed=1):
     """Inputs whose ignored rows hold NaN / inf, and the same inputs with those rows zeroed (the reference)."""

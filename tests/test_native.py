@@ -275,3 +275,25 @@ def test_large_fresh_buffers_are_prefaulted_and_usable():
     assert float(buf.sum(dtype=torch.float64)) == 2.0 * like.numel()
     del buf
     wk.empty_cache()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_in_a_counted_row_every_capability(capability, dtype):
+    """Every kernel copy keeps NaN: copies whose block max drops it (AVX2, AVX-512) carry it through the exp."""
+    vocab = 2 * 4096 + 77
+    x = torch.randn(5, vocab).to(dtype)
+    labels = torch.tensor([7, 4000, 8200, 4100, 11])
+    x[0, 5000] = float("nan")
+    x[1, 4000] = float("nan")                             # the label
+    x[2, 4096:8192] = float("nan")
+    x[3, :4096] = -float("inf")                           # -inf but for one NaN: the block max is -inf
+    x[3, 5] = float("nan")
+    logp = wk.token_logprobs(x, labels, backend="native")
+    assert logp[:4].isnan().all() and torch.isfinite(logp[4]), logp
+    for inplace in (False, True):
+        p = x.clone().requires_grad_()
+        frozen = [torch.randn(5, vocab).to(dtype) for _ in range(3)]
+        loss = wk.wspo_loss(p * 1 if inplace else p, labels, ref=frozen[0], weak_aligned=frozen[1],
+                            weak_base=frozen[2], reduction="sum", shift=False, inplace_grad=inplace, backend="native")
+        loss.backward()
+        assert loss.isnan() and p.grad[:4].isnan().all() and torch.isfinite(p.grad[4]).all(), inplace

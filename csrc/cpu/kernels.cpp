@@ -127,14 +127,28 @@ inline void for_steps(const T* x, int64_t n, float fill, F&& f) {
 // exp_u20 (at most 20 ulp: ~1.2e-6 relative, far inside the documented 1e-5 tolerances), ln2 split
 // in two so t is exact; x below log(FLT_MIN) gives 0 (exactly 0 for -inf).  On AVX-512 and AVX2 it is
 // written for that domain: no overflow path, 2^n by scalef (AVX-512) or exponent bits (AVX2), ~10 and
-// ~15 instructions instead of exp_u20's ~18 -- these kernels are bound by it.  Elsewhere ATen's
-// exp_u20 (or its 1-ulp exp on a torch without it).  NaN maps to a finite value, so the row max
-// below propagates NaN itself: a NaN logit in a counted row still gives a NaN logp.
+// ~15 instructions instead of exp_u20's ~18 -- these kernels are bound by it -- and NaN gives NaN, so a
+// NaN logit in a counted row makes its sum, and so its logp and gradient, NaN (the block max there is
+// a bare max instruction, which drops NaN; see vmax).  Elsewhere ATen's exp_u20 (or its 1-ulp exp on a
+// torch without it), which maps NaN to a finite value: there the block max propagates NaN instead.
 constexpr float kExpUnderflow = -87.33654f;  // log(FLT_MIN)
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.42860682030941723e-06f;  // ln 2 = hi + lo, hi exact in 16 bits
 constexpr float kExpC1 = 0.999999701f, kExpC2 = 0.499991506f, kExpC3 = 0.166676521f, kExpC4 = 0.0418978221f,
                 kExpC5 = 0.00828929059f;
+
+// Max for the block maxima: one instruction where vexp propagates NaN (ATen's NaN-propagating
+// maximum takes three), else ATen's maximum.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kMaxDropsNaN = true;
+inline Vec vmax(const Vec& a, const Vec& b) { return _mm512_max_ps(a, b); }
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr bool kMaxDropsNaN = true;
+inline Vec vmax(const Vec& a, const Vec& b) { return _mm256_max_ps(a, b); }
+#else
+constexpr bool kMaxDropsNaN = false;
+inline Vec vmax(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }
+#endif
 
 template <typename V, typename = void>
 struct HasExpU20 : std::false_type {};
@@ -156,14 +170,14 @@ inline Vec vexp(const Vec& v) {
   p = _mm512_fmadd_ps(t, p, _mm512_set1_ps(kExpC2));
   p = _mm512_fmadd_ps(t, p, _mm512_set1_ps(kExpC1));
   p = _mm512_fmadd_ps(t, p, _mm512_set1_ps(1.f));
-  const __mmask16 keep = _mm512_cmp_ps_mask(v, _mm512_set1_ps(kExpUnderflow), _CMP_GE_OQ);
+  const __mmask16 keep = _mm512_cmp_ps_mask(v, _mm512_set1_ps(kExpUnderflow), _CMP_NLT_UQ);  // NaN kept
   return _mm512_maskz_scalef_ps(keep, p, n);
 }
 #elif defined(CPU_CAPABILITY_AVX2)
 constexpr const char* kExpVariant = "deg-5 polynomial, exponent bits (x <= 0)";
 inline Vec vexp(const Vec& v) {
   const __m256 floor_x = _mm256_set1_ps(kExpUnderflow);
-  const __m256 x = _mm256_max_ps(v, floor_x);  // n >= -126: 2^n is a normal float
+  const __m256 x = _mm256_max_ps(floor_x, v);  // n >= -126: 2^n is a normal float; NaN stays NaN
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 t = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
@@ -174,7 +188,7 @@ inline Vec vexp(const Vec& v) {
   p = _mm256_fmadd_ps(t, p, _mm256_set1_ps(kExpC1));
   p = _mm256_fmadd_ps(t, p, _mm256_set1_ps(1.f));
   const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  const __m256 keep = _mm256_cmp_ps(v, floor_x, _CMP_GE_OQ);
+  const __m256 keep = _mm256_cmp_ps(v, floor_x, _CMP_NLT_UQ);  // NaN kept
   return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(two_n)), keep);
 }
 #else
@@ -202,12 +216,20 @@ template <typename T>
 constexpr int64_t kStepBytes = RowIO<T>::kStep * static_cast<int64_t>(sizeof(T));
 inline void prefetch(const char* p) { __builtin_prefetch(p, 0, 3); }
 
-// The maximum of n elements (n <= kBlock), -inf for n = 0; NaN propagates.
+// The maximum of n elements (n <= kBlock), -inf for n = 0; NaN propagates unless kMaxDropsNaN.
+template <typename T>
+inline bool has_nan(const T* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(static_cast<float>(x[i]))) return true;
+  }
+  return false;
+}
+
 template <typename T>
 inline float block_max(const T* xb, int64_t n) {
-  Vec vmax(kNegInf);
-  for_steps(xb, n, kNegInf, [&](const Vec& a, const Vec& b) { vmax = at::vec::maximum(vmax, at::vec::maximum(a, b)); });
-  return hmax(vmax);
+  Vec running(kNegInf);
+  for_steps(xb, n, kNegInf, [&](const Vec& a, const Vec& b) { running = vmax(running, vmax(a, b)); });
+  return hmax(running);
 }
 
 // The row statistics in one sweep from memory; with kKeepExp the exps e_v = exp(z_v - m_b) are also
@@ -231,6 +253,10 @@ Stats row_stats_impl(const T* x, float* e, int64_t V, int64_t y, float* block_m)
     const float bmax = next_max;
     if constexpr (kKeepExp) block_m[bi] = bmax;
     if (bmax == kNegInf) {  // nothing to add (and no -inf - -inf); the gradient sweep zeroes it
+      if (kMaxDropsNaN && has_nan(xb, n)) {  // -inf and NaN only, the NaN dropped by vmax (rare: a scan)
+        r = std::numeric_limits<float>::quiet_NaN();
+        if constexpr (kKeepExp) block_m[bi] = r;
+      }
       next_max = block_max(xn, n_next);
       continue;
     }
@@ -241,7 +267,7 @@ Stats row_stats_impl(const T* x, float* e, int64_t V, int64_t y, float* block_m)
     const Vec vm(m);
     const int64_t yl = y - b0;                                     // the label's offset in this block
     const int64_t jy = yl >= 0 && yl < n ? yl - yl % IO::kStep : -1;  // the step holding it
-    Vec vsum(0.f), vmax(kNegInf);
+    Vec vsum(0.f), running(kNegInf);
     auto exps = [&](int64_t j, Vec a, Vec b, int64_t len) {  // one step of block b: exps, kept and summed
       a = vexp(a - vm);
       b = vexp(b - vm);
@@ -270,12 +296,12 @@ Stats row_stats_impl(const T* x, float* e, int64_t V, int64_t y, float* block_m)
       for (int64_t line = 0; line < kStepBytes<T>; line += kCacheLine) prefetch(ahead + j * sizeof(T) + line);
       IO::load(xb + j, a, b);
       IO::load(xn + j, c, d);
-      vmax = at::vec::maximum(vmax, at::vec::maximum(c, d));
+      running = vmax(running, vmax(c, d));
       exps(j, a, b, IO::kStep);
     }
     if (j < n_next) {  // the next block's tail
       IO::load_tail(xn + j, n_next - j, kNegInf, c, d);
-      vmax = at::vec::maximum(vmax, at::vec::maximum(c, d));
+      running = vmax(running, vmax(c, d));
     }
     for (; j + IO::kStep <= n; j += IO::kStep) {
       IO::load(xb + j, a, b);
@@ -286,7 +312,7 @@ Stats row_stats_impl(const T* x, float* e, int64_t V, int64_t y, float* block_m)
       exps(j, a, b, n - j);
     }
     r += hsum(vsum);
-    next_max = hmax(vmax);
+    next_max = hmax(running);
   }
   return {m, r + std::exp(z_y - m), r};
 }
