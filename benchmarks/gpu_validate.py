@@ -17,6 +17,7 @@ torch.nn.functional.linear_cross_entropy; QuACK is not wired in).  Results:
 ``benchmarks/results/gpu_<gpu>_validate.{json,md}`` and ``gpu_<gpu>.{json,md,png}``.
 """
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -27,6 +28,7 @@ import traceback
 import torch
 
 import wspo_kernels as wk
+from wspo_kernels import ops
 from wspo_kernels.dispatch import available_backends
 from wspo_kernels.reference import reference_token_logprobs, reference_wspo_loss
 
@@ -35,6 +37,7 @@ FULL = dict(vocabs=(32000, 32001, 128256, 152064, (151665, 152064)), batch=2, se
             linear_blocks=(4608, 4096, 32000), linear_big=(16, 16384, 152064))
 SMOKE = dict(vocabs=(1000, 1001, (999, 1001)), batch=2, seq=9, big_rows=None, linear_blocks=(150, 64, 500),
              linear_big=None)
+LINEAR_IMPLS = {"triton": ("chunked", "fused")}   # per backend: the default driver, and opt-in kernels
 PERF_CASES = ["logits:8192x32000:bf16", "logits:8192x128256:bf16", "logits:8192x152064:bf16",
               "logits:8192x128256:fp32", "logits:16384x152064:bf16", "logps:8192x128256:bf16",
               "linear:8192x4096x128256:bf16", "linear:8192x3584x152064:bf16"]
@@ -180,7 +183,26 @@ def _big_rows_check(backend, device, shape):
                                           grad_t)) if p]
 
 
-def _linear_check(backend, dtype, device, N, H, V, seed=2):
+@contextlib.contextmanager
+def _linear_env(linear):
+    """WSPO_KERNELS_LINEAR for one check: the default chunked driver, or Triton's logits-free kernels."""
+    before = os.environ.get(ops.LINEAR_ENV_VAR)
+    os.environ[ops.LINEAR_ENV_VAR] = linear
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ops.LINEAR_ENV_VAR)
+        else:
+            os.environ[ops.LINEAR_ENV_VAR] = before
+
+
+def _linear_check(backend, dtype, device, N, H, V, seed=2, linear="chunked"):
+    with _linear_env(linear):
+        return _linear_check_in(backend, dtype, device, N, H, V, seed)
+
+
+def _linear_check_in(backend, dtype, device, N, H, V, seed):
     g = torch.Generator(device="cpu").manual_seed(seed)
     hidden = (torch.randn(N, H, generator=g)).to(dtype).to(device)
     weight = (torch.randn(V, H, generator=g) / H ** 0.5 * 3).to(dtype).to(device)
@@ -280,8 +302,9 @@ def main(argv=None):
             for V in shapes["vocabs"]:
                 report.check(f"rows {backend} {str(dtype)[6:]} V={V}",
                              lambda: _row_checks(backend, dtype, V, device, shapes["batch"], shapes["seq"]))
-            report.check(f"linear blocks {backend} {str(dtype)[6:]} N,H,V={shapes['linear_blocks']}",
-                         lambda: _linear_check(backend, dtype, device, *shapes["linear_blocks"]))
+            for linear in LINEAR_IMPLS.get(backend, ("chunked",)):
+                report.check(f"linear blocks {backend}/{linear} {str(dtype)[6:]} N,H,V={shapes['linear_blocks']}",
+                             lambda: _linear_check(backend, dtype, device, *shapes["linear_blocks"], linear=linear))
         if device.type == "cuda":
             report.check(f"CUDA graph {backend}", lambda: _graph_check(backend, device))
             torch.cuda.empty_cache()
@@ -289,9 +312,9 @@ def main(argv=None):
     for backend in backends:
         if shapes["big_rows"]:
             report.check(f"N*V > 2^31 {backend}", lambda: _big_rows_check(backend, device, shapes["big_rows"]))
-        if shapes["linear_big"]:
-            report.check(f"V*H > 2^31 linear {backend}",
-                         lambda: _linear_check(backend, torch.bfloat16, device, *shapes["linear_big"]))
+        for linear in LINEAR_IMPLS.get(backend, ("chunked",)) if shapes["linear_big"] else ():
+            report.check(f"V*H > 2^31 linear {backend}/{linear}",
+                         lambda: _linear_check(backend, torch.bfloat16, device, *shapes["linear_big"], linear=linear))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     failed = [r for r in report.rows if not r["ok"]]

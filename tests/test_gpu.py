@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import wspo_kernels as wk
+from wspo_kernels import ops
 from wspo_kernels.dispatch import available_backends
 
 from helpers import check_grad, check_loss
@@ -39,10 +40,21 @@ def test_wspo_loss_on_gpu(backend, dtype, case, reduction):
     check_grad(grad.cpu(), ref_grad, dtype, lowp)
 
 
+LINEAR_IMPLS = ["chunked", "fused"]   # the default driver, and Triton's opt-in logits-free kernels
+
+
+def _use_linear(backend, linear, monkeypatch):
+    if linear == "fused" and backend != "triton":
+        pytest.skip("logits-free linear kernels are Triton's")
+    monkeypatch.setenv(ops.LINEAR_ENV_VAR, linear)
+
+
 @pytest.mark.parametrize("backend", GPU_BACKENDS or ["none"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(test_linear.CASES))
-def test_linear_wspo_loss_on_gpu(backend, dtype, case):
+@pytest.mark.parametrize("linear", LINEAR_IMPLS)
+def test_linear_wspo_loss_on_gpu(backend, dtype, case, linear, monkeypatch):
+    _use_linear(backend, linear, monkeypatch)
     models, labels, shift = test_linear._params(case, dtype)
     leaves = [None if t is None else t.to(CUDA).requires_grad_() for t in models[0]]
     frozen = [tuple(t.to(CUDA) for t in m if t is not None) for m in models[1:]]
@@ -139,8 +151,10 @@ def test_precomputed_frozen_and_inplace_on_gpu(backend, dtype, inplace):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS or ["none"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_linear_over_many_blocks_on_gpu(backend, dtype):
+@pytest.mark.parametrize("linear", LINEAR_IMPLS)
+def test_linear_over_many_blocks_on_gpu(backend, dtype, linear, monkeypatch):
     """N = 2 row blocks + a tail, H = 100 (not a multiple of the K block), V = 1000 (8 vocab blocks)."""
+    _use_linear(backend, linear, monkeypatch)
     g = torch.Generator().manual_seed(3)
     B, T, H, V = 3, 50, 100, 1000
     hidden = [(torch.randn(B, T, H, generator=g)).to(dtype) for _ in range(4)]

@@ -297,3 +297,27 @@ def test_nan_in_a_counted_row_every_capability(capability, dtype):
                             weak_base=frozen[2], reduction="sum", shift=False, inplace_grad=inplace, backend="native")
         loss.backward()
         assert loss.isnan() and p.grad[:4].isnan().all() and torch.isfinite(p.grad[4]).all(), inplace
+
+
+def test_a_small_request_does_not_pin_the_cached_block():
+    """The cache hands a block out only to requests of at least half its size."""
+    wk.empty_cache()
+    big = EXT.cached_empty_like(torch.empty(1 << 20))
+    del big
+    held = wk.cached_bytes()
+    assert held >= 4 << 20
+    small = EXT.cached_empty_like(torch.empty(1000))
+    assert wk.cached_bytes() == held                      # still cached, not handed to the small one
+    half = EXT.cached_empty_like(torch.empty(1 << 19))
+    assert wk.cached_bytes() == 0                         # half its size: reused
+    del small, half
+    wk.empty_cache()
+
+
+def test_kernel_benchmark_script_runs(capsys):
+    """benchmarks/native_kernels.py (kernel-only timings per copy) on a tiny shape: one row per copy and dtype."""
+    import runpy
+    script = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "native_kernels.py"))
+    script["main"](["--rows", "8", "--vocab", "300", "--repeat", "1"])
+    out = capsys.readouterr().out
+    assert all(f"| {cap} (" in out for cap in COPIES) and out.count("bfloat16") == len(COPIES)

@@ -46,7 +46,8 @@ KERNELS = [
     (R._scale_rows_kernel, {"g_ptr": "*{dtype}"}, [dict(BLOCK=4096)]),
     (L._stats_kernel, {}, [dict(HAS_BIAS=b, BLOCK_M=64, BLOCK_V=128, BLOCK_K=32, IEEE=i)
                            for b in (True, False) for i in (True, False)]),
-    (L._grad_kernel, {}, [dict(HAS_BIAS=True, GRAD_H=True, GRAD_W=True, BLOCK_M=64, BLOCK_V=128, BLOCK_K=32, IEEE=False)]),
+    (L._grad_kernel, {}, [dict(HAS_BIAS=True, GRAD_H=True, GRAD_W=True, BLOCK_M=64, BLOCK_V=128, BLOCK_K=32, IEEE=False,
+                              GROUP_M=L.GROUP_M)]),
 ]
 count = 0
 for arch, dtype in ((80, "bf16"), (90, "bf16"), (90, "fp32")):

@@ -10,13 +10,19 @@ from helpers import BACKENDS, make_labels
 pytestmark = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton unavailable (no GPU, no interpreter)")
 
 
-def _models(seed=0, B=2, T=9, H=40, V=300, bias=True):
+@pytest.fixture(autouse=True)
+def _fused(monkeypatch):
+    """These tests are about the logits-free kernels, which are opt-in (the chunked driver is the default)."""
+    monkeypatch.setenv(ops.LINEAR_ENV_VAR, "fused")
+
+
+def _models(seed=0, B=2, T=9, H=40, V=300, bias=True, ignore_rows=(1,)):
     g = torch.Generator().manual_seed(seed)
     models = []
     for v in (V, V, V + 7, V - 5):
         models.append((torch.randn(B, T, H, generator=g), torch.randn(v, H, generator=g) / H ** 0.5 * 3,
                        torch.randn(v, generator=g) if bias else None))
-    labels = make_labels((B, T), V - 5, generator=g, ignore_rows=(1,))
+    labels = make_labels((B, T), V - 5, generator=g, ignore_rows=ignore_rows)
     return models, labels
 
 
@@ -41,12 +47,27 @@ def test_fused_equals_chunked(reduction, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_grouped_order_covers_every_tile(monkeypatch):
+    """The gradient kernel's grouped launch order: more row blocks than a group (2 x 322 rows: 11 blocks of
+    64, groups of 8, so a partial last group), a partial vocab block: every tile once, as the chunked path
+    computes."""
+    from wspo_kernels.backends import triton_linear
+    models, labels = _models(seed=4, B=2, T=5 * triton_linear.BLOCK_M + 3, H=16, V=2 * triton_linear.BLOCK_V + 8,
+                             ignore_rows=())   # every row block does work
+    assert triton_linear.GROUP_M < 11
+    fused = _run(models, labels, "sum")
+    monkeypatch.setenv(ops.LINEAR_ENV_VAR, "chunked")
+    for a, b in zip(fused, _run(models, labels, "sum")):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_choice_of_linear_implementation(monkeypatch):
+    """Chunked (deterministic) by default, also for Triton; the logits-free kernels only when asked for."""
     rows = wk.select_backend("triton", torch.device("cpu"), torch.float32)
     monkeypatch.delenv(ops.LINEAR_ENV_VAR, raising=False)
-    assert ops._linear_impl(rows) is rows.linear
-    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     assert ops._linear_impl(rows) is chunked_linear
+    monkeypatch.setenv(ops.LINEAR_ENV_VAR, "fused")
+    assert ops._linear_impl(rows) is rows.linear
     monkeypatch.setenv(ops.LINEAR_ENV_VAR, "sometimes")
     with pytest.raises(ValueError, match="auto, chunked or fused"):
         ops._linear_impl(rows)

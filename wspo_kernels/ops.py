@@ -12,7 +12,7 @@ dtype (``dispatch.select_backend``) and runs that backend's row kernels.  Logits
   (``scale_rows_``, a mutating op) and hands the buffer to autograd without a copy;
 - ``GradOverPolicy`` is the eager-only variant that writes that gradient over the policy logits;
 - ``linear_wspo`` returns dh, dW, db of the summed loss; its backward scales them by the scalar.
-  ``_linear_impl`` picks the logits-free kernels of a backend (Triton) or the chunked driver.
+  ``_linear_impl`` picks the chunked driver (default) or, opt-in, a backend's logits-free kernels (Triton).
 
 Frozen-model ops (``weak_log_ratio``) have no autograd: the public wrappers detach their inputs.
 """
@@ -35,24 +35,28 @@ def _rows_backend(backend: str, x: Tensor, *others: Optional[Tensor]):
     return select_backend(backend, x.device, dtypes)
 
 
-LINEAR_ENV_VAR = "WSPO_KERNELS_LINEAR"   # auto | chunked | fused
+LINEAR_ENV_VAR = "WSPO_KERNELS_LINEAR"   # auto (= chunked) | chunked | fused
 
 
 def _linear_impl(rows):
-    """Logits-free kernels when the backend has them (Triton), else the chunked GEMM driver.
+    """The chunked GEMM driver (``auto``, ``chunked``), or the backend's logits-free kernels (``fused``).
 
-    The logits-free gradient accumulates with atomics; deterministic runs (torch.use_deterministic_
-    algorithms) and WSPO_KERNELS_LINEAR=chunked take the chunked path, which is bitwise reproducible.
+    The chunked driver is the default on every device: its GEMMs are cuBLAS / MKL in a fixed order,
+    bitwise reproducible, and on a GPU they run on tensor cores in bf16 with fp32 accumulation, as
+    Liger's do.  The logits-free Triton kernels (opt-in) accumulate the gradient with fp32 atomics,
+    non-deterministic and, by the review's estimate, slower at the Llama-3-8B shape; until a GPU run
+    measures the two side by side (``benchmarks/gpu_validate.py`` times both), the deterministic design
+    is the default.
     """
     choice = os.environ.get(LINEAR_ENV_VAR, "auto")
     if choice not in ("auto", "chunked", "fused"):
         raise ValueError(f"{LINEAR_ENV_VAR} must be auto, chunked or fused, got {choice!r}")
+    if choice != "fused":
+        return chunked_linear
     fused = getattr(rows, "linear", None)
-    if choice == "fused" and fused is None:
+    if fused is None:
         raise RuntimeError(f"{LINEAR_ENV_VAR}=fused: backend {rows.NAME!r} has no logits-free linear kernels")
-    if fused is not None and (choice == "fused" or (choice == "auto" and not torch.are_deterministic_algorithms_enabled())):
-        return fused
-    return chunked_linear
+    return fused
 
 
 # ----------------------------------------------------------------------------- logprobs

@@ -111,11 +111,12 @@ void prefault(void* p, size_t bytes) {
 
 class BlockCache {
  public:
-  // A block of at least `bytes`: the cached one if it is large enough, else a new one.
+  // A block of at least `bytes`: the cached one if it fits (large enough, and at most kMaxSlack times
+  // the request, so a small gradient does not pin a large block), else a new one.
   std::pair<void*, size_t> take(size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (block_ != nullptr && block_bytes_ >= bytes) {
+      if (block_ != nullptr && block_bytes_ >= bytes && block_bytes_ / kMaxSlack <= bytes) {
         std::pair<void*, size_t> out{block_, block_bytes_};
         block_ = nullptr;
         block_bytes_ = 0;
@@ -165,6 +166,7 @@ class BlockCache {
 
  private:
   static constexpr size_t kAlignment = 64;  // a cache line, as c10's CPU allocator
+  static constexpr size_t kMaxSlack = 2;
   std::mutex mu_;
   void* block_ = nullptr;
   size_t block_bytes_ = 0;

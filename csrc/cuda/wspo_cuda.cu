@@ -65,7 +65,7 @@ struct MS {  // running max and sum of exp(x - max)
 };
 
 __device__ __forceinline__ MS merge(MS a, MS b) {
-  const float m = fmaxf(a.m, b.m);  // a NaN m came with a NaN s, which the sum keeps
+  const float m = max_nan(a.m, b.m);  // a NaN m (a thread saw NaN) must survive a merge with an empty part
   if (m == kNegInf) return {kNegInf, 0.f};
   return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
 }

@@ -11,7 +11,8 @@ For rows h_t (hidden [N, H]) and an lm_head W [V, H] (+ bias b), logits z = h W^
               (deterministic): m = max_i m_i, r = sum_i r_i exp(m_i - m), s = r + exp(z_y - m),
               q = r / s = 1 - p_y, logp = log1p(-q) if q < 1/2 else (z_y - m) - log(s).
               Frozen models stop here.
-    gradient  grid (row blocks, vocab blocks): recompute the tile, G = -c_t exp(z - m_t) / s_t off the
+    gradient  grid (row blocks x vocab blocks, in grouped order: GROUP_M row blocks at a time across
+              the vocabulary): recompute the tile, G = -c_t exp(z - m_t) / s_t off the
               label and c_t q_t on it, with c_t = dL/dlogp_t (WSPO: 2 gamma w_t d_t), then
               dH += G W_tile and dW += G^T H_tile, db += sum_rows G, accumulated in fp32 with atomic adds.
               Row blocks whose c_t are all 0 (ignored tokens) do no work.
@@ -22,9 +23,9 @@ there never reach a GEMM.  Mixed dtypes run in the promoted dtype (fp16 hidden w
 fp32); gradients come back in each input's dtype.
 
 Saved: nothing but the statistics [2, N] (and the caller's c_t).  Extra memory: O(N) plus the fp32
-dH / dW accumulators.  The atomic accumulation order varies from run to run (last-bit differences);
-under ``torch.use_deterministic_algorithms(True)`` or ``WSPO_KERNELS_LINEAR=chunked`` the chunked path
-(``chunked_linear``: a bounded chunk of logits, GEMMs in a fixed order) runs instead.
+dH / dW accumulators.  The atomic accumulation order varies from run to run (last-bit differences), so
+these kernels are opt-in (``WSPO_KERNELS_LINEAR=fused``); the default is the chunked path
+(``chunked_linear``: a bounded chunk of logits, GEMMs in a fixed order, bitwise reproducible).
 fp32 inputs use IEEE fp32 dot products unless the user allowed TF32 for matmuls
 (``torch.backends.cuda.matmul.allow_tf32 = True`` or ``torch.set_float32_matmul_precision("high")``), as
 cuBLAS does: then tf32 (10-bit mantissa inputs, fp32 accumulation: logits off by about 1e-3 relative,
@@ -43,6 +44,7 @@ BLOCK_V = 128
 BLOCK_K = 32
 VOCAB_SPLITS = 8          # forward programs per row block along the vocabulary on the CPU (interpreter)
 WAVES = 2                 # on a GPU: enough vocabulary splits for this many programs per SM
+GROUP_M = 8               # gradient programs: row blocks per group of the grouped launch order
 
 
 @triton.jit
@@ -100,9 +102,20 @@ def _stats_kernel(h_ptr, h_sn, h_sk, w_ptr, w_sv, w_sk, b_ptr, b_s, labels_ptr, 
 @triton.jit
 def _grad_kernel(h_ptr, h_sn, h_sk, w_ptr, w_sv, w_sk, b_ptr, b_s, labels_ptr, stats_ptr, coef_ptr, N, V, H,
                  dh_ptr, dw_ptr, db_ptr, HAS_BIAS: tl.constexpr, GRAD_H: tl.constexpr, GRAD_W: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    # Grouped order: consecutive programs take GROUP_M row blocks across every vocab block, so those
+    # rows' hidden states stay in L2 while W streams past once per group (row-block-major order reads
+    # all N rows again for every vocab block), and at most GROUP_M programs add into one dW tile at a time.
+    pid = tl.program_id(0)
+    blocks_m, blocks_v = tl.cdiv(N, BLOCK_M), tl.cdiv(V, BLOCK_V)
+    per_group = GROUP_M * blocks_v
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_v = (pid % per_group) // group_m
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     coef = tl.load(coef_ptr + rows, mask=rows < N, other=0.0)
     if tl.max(tl.abs(coef), axis=0) == 0.0:
         return
@@ -208,10 +221,10 @@ def _gradients(hidden, weight, bias, labels, stats, coef, grad_hidden, grad_weig
         args, meta = _operands(hidden, weight, bias)
         stub = stats
         with device_guard(hidden):
-            _grad_kernel[(triton.cdiv(n, BLOCK_M), triton.cdiv(V, BLOCK_V))](
+            _grad_kernel[(triton.cdiv(n, BLOCK_M) * triton.cdiv(V, BLOCK_V),)](
                 *args, labels, stats.float().contiguous(), coef.float().contiguous(), n, V, H,
                 stub if dh is None else dh, stub if dw is None else dw, stub if db is None else db,
-                GRAD_H=grad_hidden, GRAD_W=grad_weight, **meta)
+                GRAD_H=grad_hidden, GRAD_W=grad_weight, GROUP_M=GROUP_M, **meta)
     return (hidden.new_empty(0) if dh is None else dh.to(hidden.dtype),
             hidden.new_empty(0) if dw is None else dw.to(weight.dtype),
             hidden.new_empty(0) if db is None else db.to(bias.dtype))

@@ -6,11 +6,13 @@ for the ``logps`` kind, the forward-only per-token logps of one frozen model.  `
 says why a peer cannot run (not installed, GPU only) instead of faking it.
 """
 import importlib.util
+import os
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 import wspo_kernels as wk
+from wspo_kernels import ops
 
 GAMMA = 0.1
 IGNORE = -100
@@ -162,8 +164,11 @@ def liger_linear(x):
     return step
 
 
-def ours_linear(backend, *, precomputed=False):
+def ours_linear(backend, *, precomputed=False, linear=None):
+    """``linear``: WSPO_KERNELS_LINEAR for this case's process (each case runs in its own)."""
     def factory(x):
+        if linear is not None:
+            os.environ[ops.LINEAR_ENV_VAR] = linear
         h, w = x["hidden"], x["weights"]
         frozen = list(zip(h[1:], w[1:]))
         if precomputed:
@@ -204,6 +209,8 @@ def _ours(kind):
         elif kind == "linear":
             out[f"ours-{b}"] = ours_linear(b)
             out[f"ours-{b}-precomputed"] = ours_linear(b, precomputed=True)
+            if b == "triton":  # its opt-in logits-free kernels, timed beside the default chunked driver
+                out[f"ours-{b}-fused"] = ours_linear(b, linear="fused")
         else:
             out[f"ours-{b}"] = ours_logps(b)
     return out
