@@ -216,7 +216,7 @@ template <typename T>
 constexpr int64_t kStepBytes = RowIO<T>::kStep * static_cast<int64_t>(sizeof(T));
 inline void prefetch(const char* p) { __builtin_prefetch(p, 0, 3); }
 
-// The maximum of n elements (n <= kBlock), -inf for n = 0; NaN propagates unless kMaxDropsNaN.
+// Whether n elements hold a NaN (the rare path of a block whose max came out -inf: see row_stats_impl).
 template <typename T>
 inline bool has_nan(const T* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
@@ -225,6 +225,7 @@ inline bool has_nan(const T* x, int64_t n) {
   return false;
 }
 
+// The maximum of n elements (n <= kBlock), -inf for n = 0; NaN propagates unless kMaxDropsNaN.
 template <typename T>
 inline float block_max(const T* xb, int64_t n) {
   Vec running(kNegInf);

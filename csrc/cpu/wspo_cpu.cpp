@@ -83,12 +83,6 @@ void use_capability(const std::string& name) {
 std::string capability() { return active().capability; }
 
 // ------------------------------------------------------------------------------------------ gradient buffers
-// The kernels write the policy gradient, a fresh [N, V] buffer per step.  The OS hands fresh memory
-// out one zeroed 4 KiB page per fault on first touch: 128k faults for a 500 MiB gradient, which on
-// the machines measured cost as much as the kernel that writes it (glibc maps blocks this large
-// afresh on every malloc).  So, like PyTorch's CUDA caching allocator, a freed gradient buffer is kept
-// (one block: the largest recently freed) and handed out again for any request it can hold; what the
-// cache holds is reported (cached_bytes) and released on demand (empty_cache) or when disabled.
 // Fault a fresh block's pages in up front, one madvise per thread (Linux >= 5.14: MADV_POPULATE_WRITE):
 // measured on a 500 MiB block, 0.10 s before the kernel instead of 0.22 s of faults taken inside it,
 // where they interleave with its loads.  Elsewhere, or if the kernel refuses, the kernel's own first
@@ -109,6 +103,12 @@ void prefault(void* p, size_t bytes) {
 #endif
 }
 
+// The kernels write the policy gradient, a fresh [N, V] buffer per step.  The OS hands fresh memory
+// out one zeroed 4 KiB page per fault on first touch: 128k faults for a 500 MiB gradient, which on
+// the machines measured cost as much as the kernel that writes it (glibc maps blocks this large
+// afresh on every malloc).  So, like PyTorch's CUDA caching allocator, a freed gradient buffer is kept
+// (one block: the largest recently freed) and handed out again for any request it can hold; what the
+// cache holds is reported (cached_bytes) and released on demand (empty_cache) or when disabled.
 class BlockCache {
  public:
   // A block of at least `bytes`: the cached one if it fits (large enough, and at most kMaxSlack times
