@@ -6,7 +6,7 @@ import wspo_kernels as wk
 from wspo_kernels import chunked_linear, ops
 from wspo_kernels.reference import reference_token_logprobs, reference_wspo_loss
 
-from helpers import backend_params, check_grad, check_loss, make_labels
+from helpers import BACKENDS, backend_params, check_grad, check_loss, make_labels
 
 CASES = {  # (B, T, H, vocab of policy/ref/aligned/base, shift, bias, ignored rows)
     "small-bias": (2, 5, 16, (50, 50, 53, 49), True, True, ()),
@@ -177,3 +177,32 @@ def test_chunk_rows_follow_the_byte_budget(monkeypatch):
     assert gpu(100, 128256, 4096) == 100                                           # one chunk, never skinnier
     monkeypatch.setenv(chunked_linear.CHUNK_ENV_VAR, "256")
     assert sizes(4096, 32000) == [2048] * 2
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_ignored_rows_do_no_gemm_work_on_the_cpu(backend, monkeypatch):
+    """Counted rows are compacted before the GEMMs (as CCE does): same loss, logps and gradients as without
+    compaction, and the GEMMs see only the counted rows."""
+    if backend not in BACKENDS:
+        pytest.skip(f"{backend} unavailable")
+    models, labels, shift = _params("V1000-nobias", torch.float32)
+    labels[0, :3] = -100                                      # a prompt, besides the fully ignored row
+
+    def run():
+        h, w = (t.detach().clone().requires_grad_() for t in models[0][:2])
+        frozen = [m[:2] for m in models[1:]]
+        out = wk.linear_wspo_loss(h, w, labels, ref=frozen[0], weak_aligned=frozen[1], weak_base=frozen[2],
+                                  shift=shift, return_metrics=True, backend=backend)
+        out.loss.backward()
+        return out.loss, out.strong_log_ratio, h.grad, w.grad
+
+    rows_seen = []
+    logits = chunked_linear._Gemms.logits
+    monkeypatch.setattr(chunked_linear._Gemms, "logits",
+                        lambda self, h_c, out: rows_seen.append(h_c.shape[0]) or logits(self, h_c, out))
+    compacted = run()
+    counted = int((labels[:, 1:] != -100).sum()) if shift else int((labels != -100).sum())
+    assert sum(rows_seen) == 4 * counted                      # three frozen forwards and the policy's, live rows only
+    monkeypatch.setattr(chunked_linear, "_live_rows", lambda *a: None)
+    for a, b in zip(compacted, run()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -132,7 +132,46 @@ class _Gemms:
                 torch.mm(a, b, out=dw) if first else dw.addmm_(a, b)
 
 
+def _live_rows(hidden, labels, ignore_index):
+    """The counted rows' indices when some rows are ignored and the rows are on the CPU, else None.
+
+    Ignored rows then do no GEMM work at all (a prompt is often a third of the tokens; CCE drops
+    ignored rows the same way), and get the ignored-row outputs: logp 0, statistics (0, 1, 0), a zero
+    gradient row.  Not on GPUs: sizing the compacted rows would be a host synchronisation.
+    """
+    if hidden.device.type != "cpu":
+        return None
+    live = labels != ignore_index
+    if bool(live.all()):
+        return None
+    return live.nonzero().squeeze(1)
+
+
+def _spread(values, idx, n, fill=(0.0,)):
+    """[..., n_live] -> [..., n]: the live rows' values at ``idx``; elsewhere ``fill`` (one per leading row)."""
+    lead = values.shape[:-1]
+    out = torch.tensor(fill, dtype=values.dtype, device=values.device).reshape(*lead, 1).expand(*lead, n).clone()
+    out[..., idx] = values
+    return out
+
+
+def _spread_dh(dh, idx, hidden, grad_hidden):
+    if not grad_hidden:
+        return dh
+    out = hidden.new_zeros(hidden.shape)
+    out[idx] = dh
+    return out
+
+
+IGNORED_STATS = (0.0, 1.0, 0.0)   # (m, s, r) of an ignored row, as the row kernels write them
+
+
 def linear_logprobs(rows, hidden, weight, bias, labels, ignore_index):
+    idx = _live_rows(hidden, labels, ignore_index)
+    if idx is not None:
+        logp, stats = linear_logprobs(rows, hidden[idx], weight, bias, labels[idx], ignore_index)
+        n = hidden.shape[0]
+        return _spread(logp, idx, n), _spread(stats, idx, n, IGNORED_STATS)
     gemms = _Gemms(hidden, weight, bias)
     n = hidden.shape[0]
     logp = torch.empty(n, dtype=gemms.acc, device=hidden.device)
@@ -160,6 +199,11 @@ def _finish(hidden, weight, bias, dh, dw, db):
 
 def linear_logprobs_backward(rows, grad_logp, hidden, weight, bias, labels, stats, ignore_index,
                              grad_hidden, grad_weight):
+    idx = _live_rows(hidden, labels, ignore_index)
+    if idx is not None:
+        dh, dw, db = linear_logprobs_backward(rows, grad_logp[idx], hidden[idx], weight, bias, labels[idx],
+                                              stats[:, idx], ignore_index, grad_hidden, grad_weight)
+        return _spread_dh(dh, idx, hidden, grad_hidden), dw, db
     gemms = _Gemms(hidden, weight, bias)
     dh, dw, db = _grad_buffers(hidden, weight, bias, gemms.acc, grad_hidden, grad_weight)
     chunks = _Chunks(rows, hidden, weight.shape[0], gemms.acc)
@@ -172,6 +216,11 @@ def linear_logprobs_backward(rows, grad_logp, hidden, weight, bias, labels, stat
 
 def linear_wspo(rows, hidden, weight, bias, labels, k, weight_t, gamma, ignore_index, grad_hidden, grad_weight):
     """Returns (sum_t loss_t, logp [N], dh, dW, db): gradients of the summed loss, written in forward."""
+    idx = _live_rows(hidden, labels, ignore_index)
+    if idx is not None:
+        loss, logp, dh, dw, db = linear_wspo(rows, hidden[idx], weight, bias, labels[idx], k[idx], weight_t[idx],
+                                             gamma, ignore_index, grad_hidden, grad_weight)
+        return loss, _spread(logp, idx, hidden.shape[0]), _spread_dh(dh, idx, hidden, grad_hidden), dw, db
     gemms = _Gemms(hidden, weight, bias)
     acc = gemms.acc
     n = hidden.shape[0]

@@ -10,7 +10,7 @@ over the best peer, the peak extra memory (CPU: VmHWM above the resident set aft
 warm-up step, in a fresh process; GPU: max_memory_allocated above the same point), and the fraction
 of the physical limit reached: bytes / measured copy bandwidth for logits (the WSPO floor is four
 reads and one gradient write), FLOPs / measured bare-GEMM rate for the linear form (policy: three
-GEMMs, each frozen model: one), for the native CPU kernels the fraction of the exp floor (the exps
+GEMMs, each frozen model: one, over the counted rows), for the native CPU kernels the fraction of the exp floor (the exps
 their algorithm needs over the measured rate of the vector exp they use), and for logits the elements
 read per second (G elem/s).  Writes JSON (with machine info), a Markdown table and PNG plots.
 """
@@ -186,18 +186,22 @@ def exp_floor_seconds(c, impl, info):
     """
     if not impl.startswith("ours-native") or c["kind"] == "linear" or not info.get("exp_gps"):
         return None
+    per_position = 1 if c["kind"] == "logps" or impl.endswith("-precomputed") else 4
+    return per_position * counted_rows(c) * c["v"] / (info["exp_gps"] * 1e9)
+
+
+def counted_rows(c):
+    """Rows with a label: make_inputs makes the first T // 8 labels a prompt, and the last row is shifted out."""
     B = max(1, c["n"] // SEQ_LEN)
     T = c["n"] // B
-    counted = B * (T - T // 8 - 1)   # make_inputs: the first T // 8 labels are prompt, the last row is shifted out
-    per_position = 1 if c["kind"] == "logps" or impl.endswith("-precomputed") else 4
-    return per_position * counted * c["v"] / (info["exp_gps"] * 1e9)
+    return B * (T - T // 8 - 1)
 
 
 def floor_seconds(c, impl, info):
     """The physical limit of the problem this implementation solves."""
     precomputed = impl.endswith("-precomputed")
-    if c["kind"] == "linear":
-        flops = (6 + (0 if precomputed else 6)) * c["n"] * c["h"] * c["v"]
+    if c["kind"] == "linear":   # the GEMMs of the counted rows (an ignored row needs none)
+        flops = (6 + (0 if precomputed else 6)) * counted_rows(c) * c["h"] * c["v"]
         return flops / (info["gemm_gflops"][case_name(c)] * 1e9)
     elem = DTYPES[c["dtype"]].itemsize
     passes = 1 if c["kind"] == "logps" else (2 if precomputed else 5)   # reads + the gradient write
