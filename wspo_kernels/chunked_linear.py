@@ -12,15 +12,17 @@ upcast once per call and the GEMMs run in the accumulation dtype; ``EMULATE_LOWP
 the GPU's numbers that way (G_c rounded; the tests check them on the CPU).
 
 Ignored rows have a zero gradient row, and their hidden states are zeroed before the dW GEMM, so
-NaN or inf there (0 * NaN = NaN) never reaches dW.  Mixed dtypes compute in the promoted
+NaN or inf there (0 * NaN = NaN) never reaches dW.  On the CPU they are first compacted away
+(``_live_rows``): the GEMMs see only counted rows, as CCE's do.  Mixed dtypes compute in the promoted
 accumulation dtype (fp16 hidden with an fp32 weight: fp32).
 
 Peak extra memory is one chunk of fp32 logits plus the fp32 dW/db accumulators.  On the CPU a chunk is at
 most ``LINEAR_CHUNK_ELEMS`` logits (128 MB; the rows split into equal chunks) but at least ``MIN_CHUNK_ROWS``
 rows: skinny GEMMs are slow on CPUs, so a large vocabulary gets a larger chunk, not fewer rows: flat in N.
-Measured on 2 Zen 4 cores, four models fwd+bwd at N=2048, H=512, V=32000: 131-row chunks 16% slower than
-524-row ones; 524 / 1024 / 2048 rows (64 / 128 / 256 MB) 2.44 / 2.30 / 2.17 s at +132 / +195 / +320 MiB,
-CCE (which materialises all N rows) 2.16-2.20 s at +285 MiB in the same runs.  On a GPU chunks are sized as
+Measured on 2 Zen 4 cores, four models fwd+bwd at N=2048, H=512, V=32000 (before the compaction of
+ignored rows): 131-row chunks 16% slower than 524-row ones; 524 / 1024 / 2048 rows (64 / 128 / 256 MB)
+2.44 / 2.30 / 2.17 s at +132 / +195 / +320 MiB, CCE (which materialises all N rows) 2.16-2.20 s at
++285 MiB in the same runs.  On a GPU chunks are sized as
 Liger sizes them (so they grow with N), the next power of two of N / ceil(V / H) rows (a chunk of logits about the size of the hidden
 states: 256 rows, 131 MB, at N=8192, H=4096, V=128256), at least ``MIN_CHUNK_ROWS``: GEMMs with a few
 dozen rows leave a GPU idle and stream the whole weight once per chunk.  ``WSPO_KERNELS_LINEAR_CHUNK_MB``
