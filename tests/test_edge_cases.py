@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import wspo_kernels as wk
+from wspo_kernels import chunked_linear, ops
 from wspo_kernels.reference import reference_token_logprobs, reference_wspo_loss
 
 from helpers import BACKENDS, assert_close, check_grad, check_loss
@@ -141,7 +142,16 @@ def test_nan_in_ignored_rows_changes_nothing(backend, frozen_as, reduction, inpl
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_nan_hidden_state_in_ignored_row_keeps_dw_finite(backend, with_bias):
+@pytest.mark.parametrize("rows", ["compacted", "masked", "fused"])
+def test_nan_hidden_state_in_ignored_row_keeps_dw_finite(backend, with_bias, rows, monkeypatch):
+    """On the CPU the chunked driver drops ignored rows before its GEMMs ("compacted"); on GPUs it masks
+    them ("masked", forced here by turning the compaction off); Triton's opt-in kernels mask at the load."""
+    if rows == "fused":
+        if backend != "triton":
+            pytest.skip("logits-free linear kernels are Triton's")
+        monkeypatch.setenv(ops.LINEAR_ENV_VAR, "fused")
+    if rows == "masked":
+        monkeypatch.setattr(chunked_linear, "_live_rows", lambda *args: None)
     labels, _, _, ignored = _poisoned(seed=2)
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(2, 5, H, generator=g)

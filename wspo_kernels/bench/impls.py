@@ -5,6 +5,7 @@ step: forward+backward of the WSPO loss (the policy gets a gradient, the frozen 
 for the ``logps`` kind, the forward-only per-token logps of one frozen model.  ``available(device)``
 says why a peer cannot run (not installed, GPU only) instead of faking it.
 """
+import contextlib
 import importlib.util
 import os
 
@@ -164,19 +165,33 @@ def liger_linear(x):
     return step
 
 
+@contextlib.contextmanager
+def _linear_choice(linear):
+    """WSPO_KERNELS_LINEAR = ``linear`` for one step (None: as it is), restored after it."""
+    before = os.environ.get(ops.LINEAR_ENV_VAR)
+    if linear is not None:
+        os.environ[ops.LINEAR_ENV_VAR] = linear
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ops.LINEAR_ENV_VAR, None)
+        else:
+            os.environ[ops.LINEAR_ENV_VAR] = before
+
+
 def ours_linear(backend, *, precomputed=False, linear=None):
-    """``linear``: WSPO_KERNELS_LINEAR for this case's process (each case runs in its own)."""
+    """``linear``: WSPO_KERNELS_LINEAR for this implementation's steps (e.g. Triton's opt-in ``fused``)."""
     def factory(x):
-        if linear is not None:
-            os.environ[ops.LINEAR_ENV_VAR] = linear
         h, w = x["hidden"], x["weights"]
         frozen = list(zip(h[1:], w[1:]))
         if precomputed:
             frozen = [wk.linear_token_logprobs(hh, ww, x["labels"], shift=True, backend=backend) for hh, ww in frozen]
 
         def step():
-            wk.linear_wspo_loss(h[0], w[0], x["labels"], ref=frozen[0], weak_aligned=frozen[1], weak_base=frozen[2],
-                                gamma=GAMMA, backend=backend).backward()
+            with _linear_choice(linear):
+                wk.linear_wspo_loss(h[0], w[0], x["labels"], ref=frozen[0], weak_aligned=frozen[1],
+                                    weak_base=frozen[2], gamma=GAMMA, backend=backend).backward()
         return step
     return factory
 

@@ -191,10 +191,11 @@ def exp_floor_seconds(c, impl, info):
 
 
 def counted_rows(c):
-    """Rows with a label: make_inputs makes the first T // 8 labels a prompt, and the last row is shifted out."""
+    """Rows with a label: make_inputs makes the first T // 8 labels a prompt; shifted, row t scores label
+    t + 1 (label 0 is never a target), so T - max(1, T // 8) rows per sequence."""
     B = max(1, c["n"] // SEQ_LEN)
     T = c["n"] // B
-    return B * (T - T // 8 - 1)
+    return B * (T - max(1, T // 8))
 
 
 def floor_seconds(c, impl, info):
