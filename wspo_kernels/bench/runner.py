@@ -9,8 +9,9 @@ Per case and implementation: median / min / max time of forward+backward (forwar
 over the best peer, the peak extra memory (CPU: VmHWM above the resident set after the inputs and one
 warm-up step, in a fresh process; GPU: max_memory_allocated above the same point), and the fraction
 of the physical limit reached: bytes / measured copy bandwidth for logits (the WSPO floor is four
-reads and one gradient write), FLOPs / measured bare-GEMM rate for the linear form (policy: three
-GEMMs, each frozen model: one, over the counted rows), for the native CPU kernels the fraction of the exp floor (the exps
+reads and one gradient write), the time of the bare GEMMs the algorithm needs for the linear form
+(policy: logits, dH and dW, each frozen model: logits; each timed once, over the counted rows, into a
+preallocated output), for the native CPU kernels the fraction of the exp floor (the exps
 their algorithm needs over the measured rate of the vector exp they use), and for logits the elements
 read per second (G elem/s).  Writes JSON (with machine info), a Markdown table and PNG plots.
 """
@@ -167,15 +168,35 @@ def machine_info(device):
     src = torch.empty(n_bytes, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
     info["copy_gbps"] = 2 * n_bytes / _time_best(lambda: dst.copy_(src), device) / 1e9   # read + write
-    info["gemm_gflops"] = {}   # bare h @ W^T at each linear case's own shape, filled by run()
+    info["gemm_s"] = {}   # the bare GEMMs of each linear case, filled by run()
     return info
 
 
-def gemm_gflops(c, device):
-    """The bare logits GEMM of a linear case ([N, H] @ [H, V] in the case's dtype), GFLOP/s."""
-    a = torch.randn(c["n"], c["h"], device=device, dtype=DTYPES[c["dtype"]])
-    b = torch.randn(c["v"], c["h"], device=device, dtype=DTYPES[c["dtype"]])
-    return 2 * c["n"] * c["h"] * c["v"] / _time_best(lambda: a @ b.t(), device, repeat=3) / 1e9
+GEMMS = ("logits", "dh", "dw")
+
+
+def gemm_seconds(c, device):
+    """The bare GEMMs of a linear case over its counted rows M, in the case's dtype, seconds each:
+    logits [M, H] @ [H, V], dH [M, V] @ [V, H], dW [V, M] @ [M, H].  Each writes into an output allocated
+    once (a fresh M x V result would add its page faults on the CPU to the floor)."""
+    dt = DTYPES[c["dtype"]]
+    m, h, v = counted_rows(c), c["h"], c["v"]
+    hidden, weight = torch.randn(m, h, device=device, dtype=dt), torch.randn(v, h, device=device, dtype=dt)
+    g = torch.randn(m, v, device=device, dtype=dt)
+    z, dh, dw = torch.empty_like(g), torch.empty_like(hidden), torch.empty_like(weight)
+    run = dict(logits=lambda: torch.mm(hidden, weight.t(), out=z), dh=lambda: torch.mm(g, weight, out=dh),
+               dw=lambda: torch.mm(g.t(), hidden, out=dw))
+    return {k: _time_best(run[k], device, repeat=3) for k in GEMMS}
+
+
+def gemm_summary(info):
+    """'case: logits / dH / dW GFLOP/s' of every linear case measured."""
+    parts = []
+    for name, secs in info.get("gemm_s", {}).items():
+        c = parse_case(name)
+        flops = 2 * counted_rows(c) * c["h"] * c["v"]
+        parts.append(f"{name} " + " / ".join(f"{flops / secs[k] / 1e9:.0f}" for k in GEMMS))
+    return "bare GEMMs (logits / dH / dW GFLOP/s): " + (", ".join(parts) or "none")
 
 
 def exp_floor_seconds(c, impl, info):
@@ -202,8 +223,8 @@ def floor_seconds(c, impl, info):
     """The physical limit of the problem this implementation solves."""
     precomputed = impl.endswith("-precomputed")
     if c["kind"] == "linear":   # the GEMMs of the counted rows (an ignored row needs none)
-        flops = (6 + (0 if precomputed else 6)) * counted_rows(c) * c["h"] * c["v"]
-        return flops / (info["gemm_gflops"][case_name(c)] * 1e9)
+        secs = info["gemm_s"][case_name(c)]
+        return (1 if precomputed else 4) * secs["logits"] + secs["dh"] + secs["dw"]
     elem = DTYPES[c["dtype"]].itemsize
     passes = 1 if c["kind"] == "logps" else (2 if precomputed else 5)   # reads + the gradient write
     return passes * c["n"] * c["v"] * elem / (info["copy_gbps"] * 1e9)
@@ -217,9 +238,8 @@ def run(cases, impl_names, device, repeat, log=print):
     info = machine_info(device)
     for c in cases:
         if c["kind"] == "linear" and input_bytes(c) <= 0.6 * mem_limit:
-            info["gemm_gflops"][case_name(c)] = gemm_gflops(c, device)
-    log(f"# {info.get('gpu') or info['cpu']}: copy {info['copy_gbps']:.1f} GB/s; bare GEMM "
-        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in info["gemm_gflops"].items()))
+            info["gemm_s"][case_name(c)] = gemm_seconds(c, device)
+    log(f"# {info.get('gpu') or info['cpu']}: copy {info['copy_gbps']:.1f} GB/s; {gemm_summary(info)}")
     rows = []
     for c in cases:
         for impl in impl_names or list(impls.IMPLS[c["kind"]]):
@@ -269,8 +289,7 @@ def markdown(info, rows):
     where = info.get("gpu") or f"{info['cpu']} ({info['threads']} threads; ISA: {info.get('isa', 'not recorded')})"
     exp_rate = f"; native exp {info['exp_gps']:.2f} G/s" if info.get("exp_gps") else ""
     head = [f"{where}; torch {info['torch']}, triton {info['triton']}, commit {info['commit']}; copy bandwidth "
-            f"{info['copy_gbps']:.1f} GB/s{exp_rate}; bare logits GEMM " + ", ".join(
-                f"{k} {v:.0f} GFLOP/s" for k, v in info["gemm_gflops"].items()), "",
+            f"{info['copy_gbps']:.1f} GB/s{exp_rate}; {gemm_summary(info)}", "",
             "| case | impl | median s (min-max) | vs official | vs best peer | peak extra MiB | % of limit "
             "| % of exp floor | G elem/s |",
             "|---|---|---|---|---|---|---|---|---|"]
