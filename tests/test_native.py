@@ -205,6 +205,58 @@ def test_one_exp_path_block_edges(capability, vocab, inplace, dtype):
     check_grad(policy.grad, p64.grad, dtype, lowp)
 
 
+STREAM_MIN_BYTES = 16 << 20   # kernels.cpp: kStreamMinBytes, gradients this large are written with streaming stores
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["aligned", "odd-vocab", "aligned-slice"])
+def test_streamed_gradients_every_capability(capability, dtype, layout):
+    """Gradients of at least STREAM_MIN_BYTES go out with non-temporal stores where the row starts on a
+    vector boundary: rows that all do (V = 32768; a 32007-wide slice of a 32016-wide buffer, with a
+    tail), and V = 32769, whose rows alternate.  Every kernel that writes a gradient, also in place."""
+    g = torch.Generator().manual_seed(11)
+    vocab, width = {"aligned": (32768, 32768), "odd-vocab": (32769, 32769), "aligned-slice": (32007, 32016)}[layout]
+    rows = STREAM_MIN_BYTES // (vocab * dtype.itemsize) + 2
+    shape = (2, rows // 2)
+    bufs = [torch.randn(*shape, width, generator=g).mul_(3).to(dtype) for _ in range(4)]
+    x = [b[..., :vocab] for b in bufs]
+    labels = make_labels(shape, vocab, generator=g, ignore_rows=(0,))
+    labels[1, -1] = vocab - 1                                  # a label in the tail
+    lp = [reference_token_logprobs(z, labels) for z in x[1:]]  # frozen models precomputed (wspo_rows)
+    p64 = x[0].double().requires_grad_()
+    up = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    ref = reference_wspo_loss(p64, labels, ref=x[1].double(), weak_aligned=x[2].double(),
+                              weak_base=x[3].double(), reduction="none", shift=False)
+    (ref_grad,) = torch.autograd.grad(ref, p64, up)
+    lowp = None
+    if dtype != torch.float32:
+        pl = x[0].clone().requires_grad_()
+        low = reference_wspo_loss(pl, labels, ref=x[1], weak_aligned=x[2], weak_base=x[3], reduction="none",
+                                  shift=False, dtype=dtype)
+        (lowp,) = torch.autograd.grad(low, pl, up.to(dtype))
+    for frozen, what in ((x[1:], "four logits"), (lp, "precomputed")):
+        for inplace in (False, True):   # in place: over a view of a buffer as wide as the inputs'
+            base = bufs[0].clone().requires_grad_()
+            arg = (base * 1 if inplace else base)[..., :vocab]
+            loss = wk.wspo_loss(arg, labels, ref=frozen[0], weak_aligned=frozen[1], weak_base=frozen[2],
+                                reduction="none", shift=False, inplace_grad=inplace, backend="native")
+            (grad,) = torch.autograd.grad(loss, base, up.float())
+            check_loss(loss, ref, dtype, f"{what} loss, inplace={inplace}")
+            check_grad(grad[..., :vocab], ref_grad, dtype, lowp, f"{what} grad, inplace={inplace}")
+            assert not grad[..., vocab:].any()
+    # logprobs backward (the two-exp gradient sweep)
+    z = x[0].clone().requires_grad_()
+    w = torch.rand(shape, generator=g)
+    (grad,) = torch.autograd.grad((wk.token_logprobs(z, labels, backend="native") * w).sum(), z)
+    z64 = x[0].double().requires_grad_()
+    (want,) = torch.autograd.grad((reference_token_logprobs(z64, labels) * w.double()).sum(), z64)
+    lowp = None
+    if dtype != torch.float32:
+        zl = x[0].clone().requires_grad_()
+        (lowp,) = torch.autograd.grad((reference_token_logprobs(zl, labels, dtype=dtype) * w.to(dtype)).sum(), zl)
+    check_grad(grad, want, dtype, lowp, "logprobs grad")
+
+
 def test_vector_exp_accuracy(capability):
     """The kernels' own vector exp on its domain x <= 0: within 20 ulp (the bound of ATen's exp_u20,
     ~1.2e-6 relative) wherever exp(x) is a normal float, 0 below log(FLT_MIN) and exactly 0 at -inf."""

@@ -37,7 +37,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <utility>
@@ -119,6 +118,81 @@ inline void for_steps(const T* x, int64_t n, float fill, F&& f) {
     IO::load_tail(x + j, n - j, fill, a, b);
     f(a, b);
   }
+}
+
+// ------------------------------------------------------------------------------------------ gradient stores
+// A gradient row is written once and not read again here.  With ordinary stores each of its cache lines
+// is first read from memory (read-for-ownership): a third memory pass beside reading the logits and
+// writing the gradient, a third of the traffic of the precomputed path.  So a large gradient goes out
+// with non-temporal (streaming) stores, which write whole lines without reading them.  A small one
+// keeps ordinary stores (it may still be in cache when the caller reads it), and so does a row that does
+// not start on a vector boundary (an odd V: its steps would straddle lines).  A streamed row ends with a
+// store fence, so the stores after it (the label's entry) and the other threads see it in order.
+constexpr int64_t kStreamMinBytes = int64_t{16} << 20;
+
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kCanStream = true;
+template <typename T>
+inline void stream_step(T* p, const Vec& a, const Vec& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_stream_ps(p, a);
+    _mm512_stream_ps(p + Vec::size(), b);
+  } else {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), at::vec::convert_from_float<T>(a, b));
+  }
+}
+inline void stream_fence() { _mm_sfence(); }
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr bool kCanStream = true;
+template <typename T>
+inline void stream_step(T* p, const Vec& a, const Vec& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_stream_ps(p, a);
+    _mm256_stream_ps(p + Vec::size(), b);
+  } else {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::convert_from_float<T>(a, b));
+  }
+}
+inline void stream_fence() { _mm_sfence(); }
+#else
+constexpr bool kCanStream = false;
+template <typename T>
+inline void stream_step(T* p, const Vec& a, const Vec& b) { RowIO<T>::store(p, a, b); }
+inline void stream_fence() {}
+#endif
+
+// The stores of one gradient row: streamed when the whole gradient is large and the row is aligned
+// (every step of the row then is: kBlock and kStep span whole vectors).
+template <typename T>
+struct GradRow {
+  T* out;
+  bool stream;
+  GradRow(T* row, int64_t total_bytes)
+      : out(row),
+        stream(kCanStream && total_bytes >= kStreamMinBytes &&
+               reinterpret_cast<uintptr_t>(row) % sizeof(Vec) == 0) {}
+  inline void step(int64_t j, const Vec& a, const Vec& b) const {
+    if (stream) {
+      stream_step(out + j, a, b);
+    } else {
+      RowIO<T>::store(out + j, a, b);
+    }
+  }
+  inline void tail(int64_t j, int64_t n, const Vec& a, const Vec& b) const { RowIO<T>::store_tail(out + j, n, a, b); }
+  inline void zero(int64_t j, int64_t n) const {  // out[j, j + n) = 0
+    const Vec z(0.f);
+    int64_t c = 0;
+    for (; c + RowIO<T>::kStep <= n; c += RowIO<T>::kStep) step(j + c, z, z);
+    if (c < n) tail(j + c, n - c, z, z);
+  }
+  inline void finish() const {
+    if (stream) stream_fence();
+  }
+};
+
+template <typename T>
+inline int64_t grad_bytes(const Job& j) {
+  return j.n * j.x.vocab * static_cast<int64_t>(sizeof(T));
 }
 
 // ------------------------------------------------------------------------------------------ row math
@@ -234,7 +308,7 @@ inline float block_max(const T* xb, int64_t n) {
 }
 
 // The row statistics in one sweep from memory; with kKeepExp the exps e_v = exp(z_v - m_b) are also
-// stored to `e` (fp32, may alias an fp32 x) and each block's running max m_b to `block_m`, for the
+// stored to `e` (an fp32 row) and each block's running max m_b to `block_m`, for the
 // one-exp gradient sweep below.  z_y is read first; the label's slot of `e` gets 0 (it is not summed).
 //
 // Software-pipelined: block b's exps (from L1, compute-bound) run in the same loop as block b+1's max
@@ -332,49 +406,50 @@ inline float logp_of(float z_y, Stats st) { return logp_q(z_y, st).first; }
 
 // out = coef * (onehot(y) - exp(x - m) / s), the label entry coef * q; out may alias x.
 template <typename T>
-void row_grad(const T* x, T* out, int64_t V, Stats st, float coef, int64_t y, float q) {
+void row_grad(const T* x, const GradRow<T>& out, int64_t V, Stats st, float coef, int64_t y, float q) {
   using IO = RowIO<T>;
   const Vec vm(st.m), vc(-coef / st.s);
   Vec a, b;
   int64_t j = 0;
   for (; j + IO::kStep <= V; j += IO::kStep) {
     IO::load(x + j, a, b);
-    IO::store(out + j, vexp(a - vm) * vc, vexp(b - vm) * vc);
+    out.step(j, vexp(a - vm) * vc, vexp(b - vm) * vc);
   }
   if (j < V) {
     IO::load_tail(x + j, V - j, kNegInf, a, b);
-    IO::store_tail(out + j, V - j, vexp(a - vm) * vc, vexp(b - vm) * vc);
+    out.tail(j, V - j, vexp(a - vm) * vc, vexp(b - vm) * vc);
   }
-  out[y] = static_cast<T>(coef * q);  // c (1 - p_y) without cancellation as p_y -> 1
+  out.finish();
+  out.out[y] = static_cast<T>(coef * q);  // c (1 - p_y) without cancellation as p_y -> 1
 }
 
+// An ignored row's gradient: zeros.
 template <typename T>
-inline void zero_row(T* out, int64_t V) {
-  std::memset(static_cast<void*>(out), 0, sizeof(T) * V);
+inline void zero_row(const GradRow<T>& out, int64_t V) {
+  out.zero(0, V);
+  out.finish();
 }
 
 // ------------------------------------------------------------------------------------------ one exp per element
 // With a gradient to write, the policy row needs one exp per element instead of two: the statistics
 // sweep leaves e_v = exp(z_v - m_b) in an fp32 row buffer (m_b: the running max after block b, kept
 // per block) and the gradient sweep rescales it, g_v = e_v * exp(m_b - m) * (-c / s), instead of
-// recomputing it.  The buffer is the gradient row itself when that is fp32 (it may be the logits:
-// each vector is read before it is written, z_y first), else a per-thread fp32 row (`scratch`), so a
-// bf16 / fp16 gradient is still rounded once.  The label's slot is not summed (r) and is overwritten
-// with c * q at the end.
+// recomputing it.  The buffer is a per-thread fp32 row (`scratch`, in L2 from one row to the next): a
+// bf16 / fp16 gradient is still rounded once, and the gradient row is only written, once (streamed
+// when large: see GradRow).  The label's slot is not summed (r) and is overwritten with c * q at the end.
 constexpr int64_t kMaxBlocks = 128;  // rows up to kMaxBlocks * kBlock columns; longer ones take the two-exp path
 
-// g = e * exp(m_b - m) * (-c / s) block by block, the label entry c * q; e may alias g (fp32).
+// g = e * exp(m_b - m) * (-c / s) block by block, the label entry c * q.
 template <typename T>
-void row_grad_from_exp(const float* e, T* g, int64_t V, const float* block_m, Stats st, float coef, int64_t y,
-                       float q) {
+void row_grad_from_exp(const float* e, const GradRow<T>& g, int64_t V, const float* block_m, Stats st, float coef,
+                       int64_t y, float q) {
   using IO = RowIO<T>;
   const int64_t vs = Vec::size();
   for (int64_t b0 = 0, bi = 0; b0 < V; b0 += kBlock, ++bi) {
     const float* eb = e + b0;
-    T* gb = g + b0;
     const int64_t n = std::min(kBlock, V - b0);
     if (block_m[bi] == kNegInf) {
-      zero_row(gb, n);
+      g.zero(b0, n);
       continue;
     }
     const Vec scale(std::exp(block_m[bi] - st.m) * (-coef / st.s));
@@ -383,14 +458,15 @@ void row_grad_from_exp(const float* e, T* g, int64_t V, const float* block_m, St
     for (; j + IO::kStep <= n; j += IO::kStep) {
       a = Vec::loadu(eb + j);
       b = Vec::loadu(eb + j + vs);
-      IO::store(gb + j, a * scale, b * scale);
+      g.step(b0 + j, a * scale, b * scale);
     }
     if (j < n) {
       RowIO<float>::load_tail(eb + j, n - j, 0.f, a, b);
-      IO::store_tail(gb + j, n - j, a * scale, b * scale);
+      g.tail(b0 + j, n - j, a * scale, b * scale);
     }
   }
-  g[y] = static_cast<T>(coef * q);  // c (1 - p_y) without cancellation as p_y -> 1
+  g.finish();
+  g.out[y] = static_cast<T>(coef * q);  // c (1 - p_y) without cancellation as p_y -> 1
 }
 
 // (statistics, label logit) of row i.
@@ -433,7 +509,7 @@ void logprobs_backward(const Job& j, int64_t begin, int64_t end, float* scratch)
   dispatch(j.dtype, [&](auto tag) {
     using T = decltype(tag);
     for (int64_t i = begin; i < end; ++i) {
-      T* out = j.grad->row<T>(i);
+      const GradRow<T> out(j.grad->row<T>(i), grad_bytes<T>(j));
       if (j.labels[i] == j.ignore_index) { zero_row(out, j.x.vocab); continue; }
       const Stats s{sm[i], ss[i], sr[i]};
       row_grad(j.x.row<T>(i), out, j.x.vocab, s, j.scale[i], j.labels[i], s.r / s.s);
@@ -467,7 +543,7 @@ void wspo(const Job& j, int64_t begin, int64_t end, float* scratch) {
       if (y == j.ignore_index) {
         j.loss[i] = 0.f;
         for (int m = 0; m < n_logps; ++m) j.logp[m * j.n + i] = 0.f;
-        if (j.grad != nullptr) zero_row(j.grad->row<T>(i), j.x.vocab);
+        if (j.grad != nullptr) zero_row(GradRow<T>(j.grad->row<T>(i), grad_bytes<T>(j)), j.x.vocab);
         continue;
       }
       float k;
@@ -486,15 +562,14 @@ void wspo(const Job& j, int64_t begin, int64_t end, float* scratch) {
       if (j.grad != nullptr && V <= kMaxBlocks * kBlock) {  // one exp per element (see row_stats_impl)
         float block_m[kMaxBlocks];
         const T* x = j.x.row<T>(i);
-        T* gr = j.grad->row<T>(i);
-        float* e = std::is_same_v<T, float> ? reinterpret_cast<float*>(gr) : scratch;
         const float z = static_cast<float>(x[y]);
-        const Stats st = row_stats_impl<true>(x, e, V, y, block_m);
+        const Stats st = row_stats_impl<true>(x, scratch, V, y, block_m);
         const auto [lp, q] = logp_q(z, st);
         const float d = g * lp - k, w = j.weight[i];
         j.logp[i] = lp;
         j.loss[i] = w * d * d;
-        row_grad_from_exp(e, gr, V, block_m, st, 2.f * g * w * d, y, q);
+        row_grad_from_exp(scratch, GradRow<T>(j.grad->row<T>(i), grad_bytes<T>(j)), V, block_m, st, 2.f * g * w * d,
+                          y, q);
         continue;
       }
       auto [st, z] = row_stats<T>(j.x, i, y);
@@ -502,7 +577,9 @@ void wspo(const Job& j, int64_t begin, int64_t end, float* scratch) {
       const float d = g * lp - k, w = j.weight[i];
       j.logp[i] = lp;
       j.loss[i] = w * d * d;
-      if (j.grad != nullptr) row_grad(j.x.row<T>(i), j.grad->row<T>(i), V, st, 2.f * g * w * d, y, q);
+      if (j.grad != nullptr) {
+        row_grad(j.x.row<T>(i), GradRow<T>(j.grad->row<T>(i), grad_bytes<T>(j)), V, st, 2.f * g * w * d, y, q);
+      }
     }
   });
 }

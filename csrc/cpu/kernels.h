@@ -44,9 +44,9 @@ struct Job {
 // Rows [begin, end); `scratch` holds scratch_floats(job) floats for this call alone (one per thread).
 using RowKernel = void (*)(const Job&, int64_t begin, int64_t end, float* scratch);
 
-// Only wspo with a bf16 / fp16 gradient keeps its exps in scratch (an fp32 gradient row holds them itself).
+// Only wspo with a gradient keeps its exps in scratch (a row of fp32, see kernels.cpp: one exp per element).
 inline int64_t scratch_floats(const Job& j) {
-  return j.loss != nullptr && j.grad != nullptr && j.dtype != DType::kFloat ? j.x.vocab : 0;
+  return j.loss != nullptr && j.grad != nullptr ? j.x.vocab : 0;
 }
 
 struct KernelTable {
