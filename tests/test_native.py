@@ -205,23 +205,25 @@ def test_one_exp_path_block_edges(capability, vocab, inplace, dtype):
     check_grad(policy.grad, p64.grad, dtype, lowp)
 
 
-STREAM_MIN_BYTES = 16 << 20   # kernels.cpp: kStreamMinBytes, gradients this large are written with streaming stores
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["aligned", "odd-vocab", "aligned-slice"])
 def test_streamed_gradients_every_capability(capability, dtype, layout):
-    """Gradients of at least STREAM_MIN_BYTES go out with non-temporal stores where the row starts on a
-    vector boundary: rows that all do (V = 32768; a 32007-wide slice of a 32016-wide buffer, with a
-    tail), and V = 32769, whose rows alternate.  Every kernel that writes a gradient, also in place."""
+    """Gradients of at least stream_min_bytes() go out with non-temporal stores (AVX-512, AVX2) where a row
+    starts on a vector boundary: V = 32768 (every row does); V = 32769 (one row in 8-32 does, the others
+    take ordinary stores); a 32007-wide slice of a 32016-wide buffer (a tail in every row; in place, rows of
+    that stride).  Every kernel that writes a gradient, also in place; the copy that never streams runs the
+    same shapes."""
+    threshold = EXT.stream_min_bytes() or 16 << 20
+    assert (EXT.stream_min_bytes() > 0) == (capability in ("avx2", "avx512"))
     g = torch.Generator().manual_seed(11)
     vocab, width = {"aligned": (32768, 32768), "odd-vocab": (32769, 32769), "aligned-slice": (32007, 32016)}[layout]
-    rows = STREAM_MIN_BYTES // (vocab * dtype.itemsize) + 2
-    shape = (2, rows // 2)
+    per_seq = -(-threshold // (2 * vocab * dtype.itemsize)) + 1
+    shape = (2, per_seq)
+    assert shape[0] * shape[1] * vocab * dtype.itemsize >= threshold
     bufs = [torch.randn(*shape, width, generator=g).mul_(3).to(dtype) for _ in range(4)]
     x = [b[..., :vocab] for b in bufs]
     labels = make_labels(shape, vocab, generator=g, ignore_rows=(0,))
-    labels[1, -1] = vocab - 1                                  # a label in the tail
+    labels[1, -1] = vocab - 1                                  # a label in the last step
     lp = [reference_token_logprobs(z, labels) for z in x[1:]]  # frozen models precomputed (wspo_rows)
     p64 = x[0].double().requires_grad_()
     up = torch.tensor([0.5, 2.0], dtype=torch.float64)

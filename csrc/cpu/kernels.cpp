@@ -22,7 +22,7 @@
 // (see "one exp per element").  wspo_rows is the same with the frozen models folded into
 // k = gamma * l^r + l^a - l^w.  Nothing is saved: the caller keeps the gradient; the gradient
 // buffer may be the policy logits (in place, any non-overlapping layout), as each element is read
-// before it is written.
+// before it is written.  Large gradients are written with streaming stores (see GradRow).
 //
 // This file is compiled once per CPU instruction set with that set's flags (setup.py); CPU_CAPABILITY
 // names this copy's namespace (ATen's Vectorized lives in an inline namespace of the same name, so the
@@ -123,11 +123,12 @@ inline void for_steps(const T* x, int64_t n, float fill, F&& f) {
 // ------------------------------------------------------------------------------------------ gradient stores
 // A gradient row is written once and not read again here.  With ordinary stores each of its cache lines
 // is first read from memory (read-for-ownership): a third memory pass beside reading the logits and
-// writing the gradient, a third of the traffic of the precomputed path.  So a large gradient goes out
-// with non-temporal (streaming) stores, which write whole lines without reading them.  A small one
-// keeps ordinary stores (it may still be in cache when the caller reads it), and so does a row that does
-// not start on a vector boundary (an odd V: its steps would straddle lines).  A streamed row ends with a
-// store fence, so the stores after it (the label's entry) and the other threads see it in order.
+// writing the gradient, a third of the traffic of the precomputed path.  So on AVX-512 and AVX2 a large
+// gradient goes out with non-temporal (streaming) stores, which write whole lines without reading them.
+// A small one keeps ordinary stores (it may still be in cache when the caller reads it), and so does a
+// row that does not start on a vector boundary (the streaming stores fault on an unaligned address; rows
+// of a V that is not a multiple of the vector's width start on one only now and then).  A streamed row
+// ends with a store fence, so the stores after it (the label's entry) and the other threads see it in order.
 constexpr int64_t kStreamMinBytes = int64_t{16} << 20;
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -190,9 +191,10 @@ struct GradRow {
   }
 };
 
+// The gradient row i of a job.
 template <typename T>
-inline int64_t grad_bytes(const Job& j) {
-  return j.n * j.x.vocab * static_cast<int64_t>(sizeof(T));
+inline GradRow<T> grad_row(const Job& j, int64_t i) {
+  return GradRow<T>(j.grad->row<T>(i), j.n * j.x.vocab * static_cast<int64_t>(sizeof(T)));
 }
 
 // ------------------------------------------------------------------------------------------ row math
@@ -509,7 +511,7 @@ void logprobs_backward(const Job& j, int64_t begin, int64_t end, float* scratch)
   dispatch(j.dtype, [&](auto tag) {
     using T = decltype(tag);
     for (int64_t i = begin; i < end; ++i) {
-      const GradRow<T> out(j.grad->row<T>(i), grad_bytes<T>(j));
+      const GradRow<T> out = grad_row<T>(j, i);
       if (j.labels[i] == j.ignore_index) { zero_row(out, j.x.vocab); continue; }
       const Stats s{sm[i], ss[i], sr[i]};
       row_grad(j.x.row<T>(i), out, j.x.vocab, s, j.scale[i], j.labels[i], s.r / s.s);
@@ -543,7 +545,7 @@ void wspo(const Job& j, int64_t begin, int64_t end, float* scratch) {
       if (y == j.ignore_index) {
         j.loss[i] = 0.f;
         for (int m = 0; m < n_logps; ++m) j.logp[m * j.n + i] = 0.f;
-        if (j.grad != nullptr) zero_row(GradRow<T>(j.grad->row<T>(i), grad_bytes<T>(j)), j.x.vocab);
+        if (j.grad != nullptr) zero_row(grad_row<T>(j, i), j.x.vocab);
         continue;
       }
       float k;
@@ -568,8 +570,7 @@ void wspo(const Job& j, int64_t begin, int64_t end, float* scratch) {
         const float d = g * lp - k, w = j.weight[i];
         j.logp[i] = lp;
         j.loss[i] = w * d * d;
-        row_grad_from_exp(scratch, GradRow<T>(j.grad->row<T>(i), grad_bytes<T>(j)), V, block_m, st, 2.f * g * w * d,
-                          y, q);
+        row_grad_from_exp(scratch, grad_row<T>(j, i), V, block_m, st, 2.f * g * w * d, y, q);
         continue;
       }
       auto [st, z] = row_stats<T>(j.x, i, y);
@@ -577,9 +578,7 @@ void wspo(const Job& j, int64_t begin, int64_t end, float* scratch) {
       const float d = g * lp - k, w = j.weight[i];
       j.logp[i] = lp;
       j.loss[i] = w * d * d;
-      if (j.grad != nullptr) {
-        row_grad(j.x.row<T>(i), GradRow<T>(j.grad->row<T>(i), grad_bytes<T>(j)), V, st, 2.f * g * w * d, y, q);
-      }
+      if (j.grad != nullptr) row_grad(j.x.row<T>(i), grad_row<T>(j, i), V, st, 2.f * g * w * d, y, q);
     }
   });
 }
@@ -638,7 +637,8 @@ const KernelTable& WSPO_TABLE() {
                                  CPU_CAPABILITY::logprobs,
                                  CPU_CAPABILITY::logprobs_backward, CPU_CAPABILITY::weak_log_ratio,
                                  CPU_CAPABILITY::wspo,           CPU_CAPABILITY::scale_rows,
-                                 CPU_CAPABILITY::exp_sweep,      CPU_CAPABILITY::exp_values};
+                                 CPU_CAPABILITY::exp_sweep,      CPU_CAPABILITY::exp_values,
+                                 CPU_CAPABILITY::kCanStream ? CPU_CAPABILITY::kStreamMinBytes : 0};
   return table;
 }
 

@@ -55,6 +55,7 @@ struct KernelTable {
   RowKernel logprobs, logprobs_backward, weak_log_ratio, wspo, scale_rows;
   void (*exp_sweep)(float* buf, int64_t n, int64_t repeats);  // buf = exp(buf - 1), repeatedly: the exp rate
   void (*exp_values)(float* buf, int64_t n);                  // buf = exp(buf), buf <= 0: the exp's accuracy
+  int64_t stream_min_bytes;  // gradients this large are written with streaming stores (0: this copy never streams)
 };
 
 // One per compiled copy of kernels.cpp (setup.py defines WSPO_HAVE_AVX2 / WSPO_HAVE_AVX512 for the

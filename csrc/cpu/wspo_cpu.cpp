@@ -370,6 +370,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("capability", &wspo_cpu::capability, "the capability whose kernels run");
   m.def("exp_variant", []() { return std::string(wspo_cpu::active().exp_variant); },
         "the vector exp of the kernels that run");
+  m.def("stream_min_bytes", []() { return wspo_cpu::active().stream_min_bytes; },
+        "gradients of at least this many bytes are written with streaming stores by the active copy (0: never)");
   m.def("exp_rate", &wspo_cpu::exp_rate, "G exp/s of the active copy's vector exp on every thread", py::arg("repeats"));
   m.def("cached_empty_like", &wspo_cpu::cached_empty_like,
         "an uninitialised contiguous tensor like this one, from the gradient-buffer cache");
