@@ -174,6 +174,34 @@ def test_runs_on_an_older_cpu(cpu, expected):
     assert out.stdout.strip().splitlines()[-1] == expected
 
 
+CROSS_GXX = shutil.which("aarch64-linux-gnu-g++")
+_CSRC = os.path.join(os.path.dirname(__file__), "..", "csrc", "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CROSS_GXX is None, reason="needs aarch64-linux-gnu-g++ (Debian's g++-aarch64-linux-gnu)")
+def test_sources_compile_for_aarch64(tmp_path):
+    """The baseline kernel copy and the bindings build for aarch64 with no x86 flags: the kernels through
+    ATen's NEON Vectorized (an aarch64 object with NEON FMAs), the bindings without x86 intrinsics."""
+    import sysconfig
+
+    import pybind11
+    from torch.utils.cpp_extension import include_paths
+    includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}",
+                                                       f"-I{pybind11.get_include()}", f"-I{_CSRC}"]
+    obj = tmp_path / "kernels.o"
+    kernels = subprocess.run([CROSS_GXX, "-std=c++17", "-O2", "-w", "-c", "-o", str(obj),
+                              "-DCPU_CAPABILITY=wspo_default", '-DWSPO_CAPABILITY_NAME="default"',
+                              "-DWSPO_TABLE=table_default", *includes, os.path.join(_CSRC, "kernels.cpp")],
+                             capture_output=True, text=True)
+    assert kernels.returncode == 0, kernels.stderr[-3000:]
+    header = obj.read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+    bindings = subprocess.run([CROSS_GXX, "-std=c++17", "-w", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=_C",
+                               *includes, os.path.join(_CSRC, "wspo_cpu.cpp")], capture_output=True, text=True)
+    assert bindings.returncode == 0, bindings.stderr[-3000:]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("vocab", [3 * 4096 + 5, 128 * 4096 + 1], ids=["blocks", "past-kMaxBlocks"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["copy-grad", "inplace"])
