@@ -131,36 +131,34 @@ inline void for_steps(const T* x, int64_t n, float fill, F&& f) {
 // ends with a store fence, so the stores after it (the label's entry) and the other threads see it in order.
 constexpr int64_t kStreamMinBytes = int64_t{16} << 20;
 
+// One vector, streamed: float lanes, or the 16-bit lanes of a bf16 / fp16 vector.
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr bool kCanStream = true;
-template <typename T>
-inline void stream_step(T* p, const Vec& a, const Vec& b) {
-  if constexpr (std::is_same_v<T, float>) {
-    _mm512_stream_ps(p, a);
-    _mm512_stream_ps(p + Vec::size(), b);
-  } else {
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), at::vec::convert_from_float<T>(a, b));
-  }
-}
+inline void stream_vec(float* p, __m512 v) { _mm512_stream_ps(p, v); }
+inline void stream_vec(void* p, __m512i v) { _mm512_stream_si512(static_cast<__m512i*>(p), v); }
 inline void stream_fence() { _mm_sfence(); }
 #elif defined(CPU_CAPABILITY_AVX2)
 constexpr bool kCanStream = true;
-template <typename T>
-inline void stream_step(T* p, const Vec& a, const Vec& b) {
-  if constexpr (std::is_same_v<T, float>) {
-    _mm256_stream_ps(p, a);
-    _mm256_stream_ps(p + Vec::size(), b);
-  } else {
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::convert_from_float<T>(a, b));
-  }
-}
+inline void stream_vec(float* p, __m256 v) { _mm256_stream_ps(p, v); }
+inline void stream_vec(void* p, __m256i v) { _mm256_stream_si256(static_cast<__m256i*>(p), v); }
 inline void stream_fence() { _mm_sfence(); }
 #else
 constexpr bool kCanStream = false;
-template <typename T>
-inline void stream_step(T* p, const Vec& a, const Vec& b) { RowIO<T>::store(p, a, b); }
 inline void stream_fence() {}
 #endif
+
+// One step (two float vectors' worth) streamed; only called where kCanStream.
+template <typename T>
+inline void stream_step(T* p, const Vec& a, const Vec& b) {
+  if constexpr (!kCanStream) {
+    RowIO<T>::store(p, a, b);
+  } else if constexpr (std::is_same_v<T, float>) {
+    stream_vec(p, a);
+    stream_vec(p + Vec::size(), b);
+  } else {
+    stream_vec(static_cast<void*>(p), at::vec::convert_from_float<T>(a, b));
+  }
+}
 
 // The stores of one gradient row: streamed when the whole gradient is large and the row is aligned
 // (every step of the row then is: kBlock and kStep span whole vectors).
