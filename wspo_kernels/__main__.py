@@ -95,8 +95,12 @@ def check(args):
     return 0
 
 
+EXIT_CONFIG, EXIT_RUN, EXIT_INTERRUPTED = 2, 1, 130  # argparse's, a failed run's, the shell's for SIGINT
+
+
 def _train_command(command, argv):
-    """``train`` / ``precompute``: a config error is one line on stderr and exit status 2, like argparse's."""
+    """``train`` / ``precompute``: an error the user can fix is one line on stderr, no traceback: a config
+    error exits 2 (like argparse), a run that cannot go on (full disk, NaN model or step) 1, Ctrl-C 130."""
     from wspo_kernels.train import cli
     prog = f"wspo-kernels {command}"
     if any(a in ("-h", "--help") for a in argv):
@@ -106,7 +110,16 @@ def _train_command(command, argv):
         (cli.train_main if command == "train" else cli.precompute_main)(argv)
     except (cli.ConfigError, FileNotFoundError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    except cli.RUN_ERRORS as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_RUN
+    except cli.Interrupted as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted before training began; nothing to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -4,32 +4,50 @@
     wspo-kernels train CONFIG.yaml [key=value ...]        # reuse or make that cache, train with no frozen model resident
 
 The keys and their defaults: ``wspo-kernels train --help`` (``config.py``).  In order:
-1. the config is validated; nothing is loaded before it passes;
+1. the config is validated, ``output_dir`` included (it must be writable); nothing is loaded before it passes;
 2. the tokenizer and the dataset are read and tokenised once (``cutoff_len`` capped at the models'
    context; rows cut and rows left without a response token are counted, the latter dropped);
 3. the seed is set (before any model or adapter is built, as the official parser does);
 4. the frozen models' logps come from ``output_dir/precomputed`` when it was made for exactly these
-   models and rows (checked from the checkpoint files: no model is loaded), else they are computed;
+   models, numerics and rows and its checksums hold (checked from the checkpoint files: no model is
+   loaded), else they are computed (one run at a time per directory; a model giving NaN / inf is refused);
 5. the policy is loaded (under bf16 its trainable parameters are kept in fp32 unless ``pure_bf16``, as
-   the official ``init_adapter`` does; LoRA through PEFT), trained, and saved to ``output_dir``.
+   the official ``init_adapter`` does; LoRA through PEFT), trained, and saved to ``output_dir``.  A rerun
+   resumes from the newest complete checkpoint in ``output_dir`` (LLaMA-Factory's rule; incomplete ones are
+   skipped and removed) unless ``overwrite_output_dir``; a checkpoint already at the last step trains nothing.
+
+The reference's logps are computed with the policy's own numerics: its weights in the policy's dtype
+(fp32 under mixed precision, unless ``pure_bf16`` or LoRA, whose base weights stay in the compute dtype)
+and the Trainer's autocast, so that the strong log-ratio is exactly 0 at initialisation.  The weak models
+run in the compute dtype under the same autocast.  Errors a user can fix (a full disk, a NaN model or
+step, an interrupt) reach ``__main__`` as one-line exceptions (``RUN_ERRORS``, ``Interrupted``).
 """
 import contextlib
 import hashlib
-import json
 import math
 import os
 
 import torch
 
+from . import checkpoints, storage
 from .config import ConfigError, format_help, parse_config  # noqa: F401  (re-exported for the CLI)
 from .data import IGNORE_INDEX, WSPODataCollator, build_example, encode_prompt_response
 from .formats import prompt_response, read_records
 from .model_io import context_limit
+from .precompute import NonFiniteLogpsError
+from .trainer import NonFiniteError
 
 ROLE_KEYS = {"ref": "ref_model", "weak_aligned": "weak_aligned_model", "weak_base": "weak_base_model"}
 CHECKPOINT_FILES = (".safetensors", ".bin", ".pt", ".pth")
 HASH_CHUNK = 1 << 24
 HASH_MEMO = "file_hashes.json"  # in the cache directory: file contents hashed once per (path, size, mtime)
+
+
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT): the message says where the run stopped and how to go on."""
+
+
+RUN_ERRORS = (storage.StorageError, NonFiniteError, NonFiniteLogpsError)  # one line, exit status 1
 
 
 def _say(message):
@@ -48,6 +66,20 @@ def _dtype(training):
 def _load_model(name, dtype):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(_local(name), dtype=dtype)
+
+
+def frozen_numerics(w, training):
+    """{role: (weights dtype, autocast dtype or None)}: the reference in the policy's own weight dtype
+    (``_policy``), every frozen model under the autocast the Trainer runs the policy in."""
+    dtype = _dtype(training)
+    autocast = None if dtype == torch.float32 else dtype
+    policy_weights = torch.float32 if w.finetuning_type == "full" and not w.pure_bf16 else dtype
+    return {role: (policy_weights if role == "ref" else dtype, autocast) for role in ROLE_KEYS}
+
+
+def _numerics_id(numerics):
+    weights, autocast = numerics
+    return f"{weights} weights" + (f", autocast {autocast}" if autocast is not None else "")
 
 
 @contextlib.contextmanager
@@ -172,47 +204,51 @@ def checkpoint_fingerprint(name, dtype, memo):
     return h.hexdigest()
 
 
-def _model_ids(sources, dtype, cache):
+def _model_ids(sources, numerics, cache):
     memo_path = os.path.join(cache, HASH_MEMO)
-    try:
-        with open(memo_path) as f:
-            memo = json.load(f)
-    except (OSError, ValueError):
-        memo = {}
-    ids = {role: checkpoint_fingerprint(_local(name), dtype, memo) for role, name in sources.items()}
-    os.makedirs(cache, exist_ok=True)
-    with open(memo_path, "w") as f:
-        json.dump(memo, f, indent=1)
+    memo = storage.read_json(memo_path)
+    memo = memo if isinstance(memo, dict) else {}
+    ids = {role: checkpoint_fingerprint(_local(name), _numerics_id(numerics[role]), memo)
+           for role, name in sources.items()}
+    with storage.writing(cache, "the logps cache"):
+        os.makedirs(cache, exist_ok=True)
+    storage.write_json_atomically(memo_path, memo)
     return ids
 
 
 def precomputed_dataset(config, tokenizer, ds):
     """``ds`` with the frozen models' logps columns: from the cache when it matches, else computed (by the
     main process of a multi-process launch; the others then find the cache complete)."""
-    with config.training.main_process_first(desc="precompute logps"):
-        return _precomputed_dataset(config, tokenizer, ds)
-
-
-def _precomputed_dataset(config, tokenizer, ds):
-    from .precompute import load_cached_logps, precompute_logps
-    w, dtype = config.wspo, _dtype(config.training)
     cache = os.path.join(config.training.output_dir, "precomputed")
+    try:
+        with config.training.main_process_first(desc="precompute logps"):
+            return _precomputed_dataset(config, tokenizer, ds, cache)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted during precompute; the finished shards in {cache} are kept and checked: "
+                          "rerun the same command to go on") from None
+
+
+def _precomputed_dataset(config, tokenizer, ds, cache):
+    from .precompute import load_cached_logps, precompute_logps
+    w = config.wspo
+    numerics = frozen_numerics(w, config.training)
     sources = _sources(w)
-    ids = _model_ids(sources, dtype, cache)
+    ids = _model_ids(sources, numerics, cache)
     if all(ids.values()):
-        cached = load_cached_logps(ds, cache, model_ids=ids)
+        cached = load_cached_logps(ds, cache, model_ids=ids, log=_say)
         if cached is not None:
-            _say(f"reusing the precomputed logps in {cache} (same models, dtype and rows)")
+            _say(f"reusing the precomputed logps in {cache} (same models, numerics and rows; checksums verified)")
             return cached
     device = "cpu" if config.training.use_cpu or not torch.cuda.is_available() else "cuda"
     with _whole_weights(config.training):
-        models = {role: _load_model(name, dtype).to(device) for role, name in sources.items()}
+        models = {role: _load_model(name, numerics[role][0]).to(device) for role, name in sources.items()}
     if not all(ids.values()):  # downloaded just now
-        ids = _model_ids(sources, dtype, cache)
+        ids = _model_ids(sources, numerics, cache)
+    autocast = {a for _, a in numerics.values()}.pop()  # one autocast for every frozen model
     out = precompute_logps(ds, ref_model=models["ref"], weak_aligned_model=models["weak_aligned"],
                            weak_base_model=models["weak_base"], batch_size=w.precompute_batch_size, output_dir=cache,
                            pad_token_id=tokenizer.pad_token_id, model_ids=ids if all(ids.values()) else None,
-                           backend=w.backend, log=_say)
+                           model_names=sources, autocast_dtype=autocast, backend=w.backend, log=_say)
     _say(f"precomputed logps for {len(out)} examples -> {cache}")
     return out
 
@@ -250,13 +286,32 @@ def _plot_loss(trainer, path):
         _say(f"loss curve -> {path}")
 
 
+def resume_point(config):
+    """The checkpoint to resume from, or None: an explicit path (checked complete by ``parse_config``);
+    else, unless ``overwrite_output_dir``, the newest complete checkpoint in ``output_dir``."""
+    args = config.training
+    wanted = args.resume_from_checkpoint
+    if wanted not in (None, True):
+        return wanted
+    if wanted is None and config.overwrite_output_dir:
+        return None
+    found = checkpoints.latest_complete(args.output_dir, log=_say)
+    if found is not None:
+        _say(f"resuming from {found} (step {checkpoints.global_step(found)})"
+             + ("" if wanted else "; overwrite_output_dir=true starts over instead"))
+    elif wanted is True:
+        _say(f"resume_from_checkpoint: no complete checkpoint in {args.output_dir} yet: starting from step 0")
+    return found
+
+
 def train_main(argv):
     from transformers import set_seed
 
     from .trainer import WSPOTrainer
     config, tokenizer, cutoff, ds = _setup(argv, "wspo-kernels train")
     w, args = config.wspo, config.training
-    dtype = _dtype(args)
+    numerics = frozen_numerics(w, args)
+    resume = resume_point(config)
     frozen = {}
     if w.precompute:
         ds = precomputed_dataset(config, tokenizer, ds)
@@ -265,22 +320,31 @@ def train_main(argv):
         if w.finetuning_type == "lora" and not w.ref_model:
             del sources["ref"]  # the reference is the policy with its adapters disabled
         with _whole_weights(args):
-            frozen = {f"{role}_model": _load_model(name, dtype) for role, name in sources.items()}
+            frozen = {f"{role}_model": _load_model(name, numerics[role][0]) for role, name in sources.items()}
     eval_ds = None
     if w.val_size > 0:
         split = ds.train_test_split(test_size=int(w.val_size) if w.val_size >= 1 else w.val_size, seed=args.seed)
         ds, eval_ds = split["train"], split["test"]
     set_seed(args.seed)  # before the policy and its adapters are built: reproducible LoRA initialisation
-    policy = _policy(w, dtype)
+    policy = _policy(w, _dtype(args))
     trainer = WSPOTrainer(policy, args, train_dataset=ds, eval_dataset=eval_ds, gamma=w.pref_beta,
                           processing_class=tokenizer, backend=w.backend, disable_dropout=w.disable_dropout,
                           data_collator=WSPODataCollator(tokenizer.pad_token_id, max_length=cutoff, pad_to_multiple_of=8),
-                          **frozen)
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    trainer.save_model()
-    trainer.log_metrics("train", result.metrics)
-    trainer.save_metrics("train", result.metrics)
-    trainer.save_state()
+                          stop_on_nonfinite=w.stop_on_nonfinite, **frozen)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        last = checkpoints.latest_complete(args.output_dir)
+        how = ("rerun with resume_from_checkpoint=true to resume from it" if config.overwrite_output_dir
+               else "rerun the same command to resume from it")
+        raise Interrupted(f"interrupted at step {trainer.state.global_step}; "
+                          + (f"last complete checkpoint {last}: {how}" if last else
+                             "no checkpoint was saved yet: a rerun starts over")) from None
+    with storage.writing(args.output_dir, "the final model"):
+        trainer.save_model()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
     if args.do_eval and eval_ds is not None:  # as the official workflow: a final evaluation
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)

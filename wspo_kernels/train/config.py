@@ -58,14 +58,18 @@ class WSPOArguments:
                                   "output_dir/precomputed is fingerprinted and reused)")
     precompute_batch_size: int = _key(8, "batch size of the precompute pass")
     backend: Optional[str] = _key(None, "loss backend (auto, torch, native, triton)")
+    stop_on_nonfinite: bool = _key(True, "stop training, before the optimizer step and saving nothing, when a step's "
+                                         "loss or gradient norm is NaN / inf")
 
 
 ALIASES = {"policy": "model_name_or_path", "ref": "ref_model", "weak_aligned": "weak_aligned_model",
            "weak_base": "weak_base_model", "gamma": "pref_beta"}
 # Official-recipe keys that have no effect here (accepted so that its YAML runs unchanged).
-IGNORED = {"overwrite_cache": "the logps cache is fingerprinted instead",
-           "preprocessing_num_workers": "tokenisation runs in the main process",
-           "overwrite_output_dir": "output_dir is reused; resume with resume_from_checkpoint"}
+IGNORED = {"overwrite_cache": "the logps cache is fingerprinted and checksummed instead",
+           "preprocessing_num_workers": "tokenisation runs in the main process"}
+# LLaMA-Factory's key (a TrainingArguments field before transformers 5): by default a rerun resumes from
+# the newest complete checkpoint in output_dir; overwrite_output_dir: true starts over.
+OVERWRITE = "overwrite_output_dir"
 # warmup_ratio: a TrainingArguments field before transformers 5, a float warmup_steps < 1 since.
 WARMUP_RATIO = 0.1
 REQUIRED = ("model_name_or_path", "weak_aligned_model", "weak_base_model", "dataset", "output_dir")
@@ -83,6 +87,7 @@ class ConfigError(ValueError):
 class Config:
     wspo: WSPOArguments
     training: "object"  # transformers.TrainingArguments
+    overwrite_output_dir: bool = False  # start over instead of resuming from output_dir's last checkpoint
 
 
 def _parser(prog="wspo-kernels train"):
@@ -96,7 +101,9 @@ def _parser(prog="wspo-kernels train"):
                     usage=f"{prog} [CONFIG.yaml] [key=value | --key value ...]",
                     description="Keys come from CONFIG.yaml, then from the command line; defaults are the "
                                 f"official WSPO recipe's. Also: --warmup_ratio (default {WARMUP_RATIO}; "
-                                "transformers >= 5 takes it as warmup_steps < 1); accepted and without effect: "
+                                "transformers >= 5 takes it as warmup_steps < 1); --overwrite_output_dir (default "
+                                "false: a rerun resumes from the newest complete checkpoint in output_dir; true "
+                                "starts over); accepted and without effect: "
                                 + ", ".join(f"{k} ({why})" for k, why in IGNORED.items()) + ".")
     defaults = dict(RECIPE_DEFAULTS, use_cpu=not _has_accelerator())  # bf16 on a CPU-only machine needs use_cpu
     parser.set_defaults(**{k: v for k, v in defaults.items() if k in _training_fields()})
@@ -155,7 +162,7 @@ def _normalise(raw: dict) -> dict:
     not a ``TrainingArguments`` dict field refused with the closest valid names."""
     wspo_fields = {f.name: f for f in dataclasses.fields(WSPOArguments)}
     training_fields = _training_fields()
-    known = set(wspo_fields) | set(training_fields) | {"warmup_ratio"}
+    known = set(wspo_fields) | set(training_fields) | {"warmup_ratio", OVERWRITE}
     every_field = {**wspo_fields, **training_fields}
     out, origin = {}, {}
     for key, value in raw.items():
@@ -229,12 +236,29 @@ def _check_ranges(w: WSPOArguments, t):
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    if t.resume_from_checkpoint is True:
-        from transformers.trainer_utils import get_last_checkpoint
-        if not os.path.isdir(t.output_dir) or get_last_checkpoint(t.output_dir) is None:
-            raise ConfigError(f"resume_from_checkpoint: no checkpoint-* directory in {t.output_dir!r} to resume from")
-    elif t.resume_from_checkpoint and not os.path.isdir(t.resume_from_checkpoint):
-        raise ConfigError(f"resume_from_checkpoint: {t.resume_from_checkpoint!r} is not a directory")
+    if t.resume_from_checkpoint not in (None, True):  # True: the newest complete one, if any (cli.resume_point)
+        from .checkpoints import why_incomplete
+        reason = why_incomplete(t.resume_from_checkpoint)
+        if reason is not None:
+            state = reason if reason == "not a directory" else f"incomplete ({reason})"
+            raise ConfigError(f"resume_from_checkpoint: {t.resume_from_checkpoint!r} is {state}")
+
+
+def check_writable_dir(key, path):
+    """``path`` is (or can be made) a directory this process can write in; else one line naming why."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"{key}: {path!r} is a file, not a directory") from None
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot create {path!r} ({e.strerror or e})") from None
+    import tempfile
+    try:
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".wspo-write-check")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot write in {path!r} ({e.strerror or e})") from None
 
 
 def _check_deepspeed(value):
@@ -299,6 +323,7 @@ def parse_config(argv, *, prog="wspo-kernels train") -> Config:
     if missing:
         raise ConfigError(f"missing {', '.join(missing)} (in the YAML or as key=value)")
     values = dict(given)
+    overwrite = _truthy(values.pop(OVERWRITE, False))
     if "warmup_ratio" in given and "warmup_steps" in given:
         raise ConfigError("give warmup_ratio or warmup_steps, not both")
     if _truthy(given.get("fp16")) and "bf16" not in given:
@@ -326,6 +351,7 @@ def parse_config(argv, *, prog="wspo-kernels train") -> Config:
     if isinstance(t.resume_from_checkpoint, str) and t.resume_from_checkpoint.lower() in ("true", "false"):
         t.resume_from_checkpoint = True if t.resume_from_checkpoint.lower() == "true" else None  # the latest
     _check_ranges(w, t)
+    check_writable_dir("output_dir", t.output_dir)
     for key in ("model_name_or_path", "ref_model", "weak_aligned_model", "weak_base_model"):
         if getattr(w, key):
             check_model_source(key, getattr(w, key))
@@ -333,7 +359,7 @@ def parse_config(argv, *, prog="wspo-kernels train") -> Config:
         raise ConfigError(f"dataset: {w.dataset!r} is not a local file or directory (a JSON / JSONL file or a "
                           "datasets directory; the official recipe's dataset names refer to LLaMA-Factory's "
                           "dataset_info.json: pass the file instead)")
-    return Config(w, t)
+    return Config(w, t, overwrite_output_dir=overwrite)
 
 
 def format_help(prog="wspo-kernels train") -> str:

@@ -6,30 +6,55 @@
 
 The three components are stored separately (``LOGPS_COLUMNS``), so gamma can change without
 recomputing.  Each model's logps come from ``linear_token_logprobs`` on its final hidden states: no
-model's full logits are built.  Values are per position of ``labels[1:]`` (the causal shift).
+model's full logits are built.  Values are per position of ``labels[1:]`` (the causal shift).  A model
+that gives a non-finite logp for a counted token (NaN / inf weights, an overflow) is refused with its
+role, its name and the count: nothing non-finite is stored.  ``autocast_dtype`` runs the models under
+``torch.autocast`` as the trainer runs the policy (mixed precision), so that the reference's logps are
+the policy's own numbers at initialisation.
 
-The cache under ``output_dir`` is fingerprinted (``fingerprint.json``): the models' identities (by
-default a hash of each model's config, dtypes and a sample of every parameter; the CLI passes a hash of
-the checkpoint files instead, so it can check the cache without loading a model), the tokenised
-dataset's content (so the tokenizer, the data, ``cutoff_len`` and the truncation rule), the shard size
-and the cache format.  A cache made for anything else is reported with the fields that differ and
-recomputed; a shard that does not load or has the wrong number of rows is recomputed.  Logps are
-stored as float32; the shards (kept for resuming) are removed once the whole dataset is saved.
+The cache under ``output_dir`` is written so that a job may die at any instant, and is never trusted on
+its name alone:
+- ``fingerprint.json`` names what the cache is for: the models' identities (by default a hash of each
+  model's config, dtypes and a sample of every parameter; the CLI passes a hash of the checkpoint files
+  and the numerics instead, so it can check the cache without loading a model), the tokenised rows (a
+  checksum of ``input_ids`` and ``labels``: the tokenizer, the data, ``cutoff_len``, the truncation rule),
+  the shard size and the cache format.
+- every shard (``shards/NNNNN``) and the final ``dataset`` are written to a temporary directory with a
+  ``checksums.json`` (the fingerprint and a checksum of every column) and renamed into place; a shard or
+  a dataset is used only when its checksums match what it holds (a flipped bit, a truncated or zeroed
+  file is recomputed, and the log says which column differs).  The dataset's record carries the whole
+  fingerprint: it is committed with the data in one rename.
+- one writer at a time (``storage.directory_lock``): a second run on the same directory waits, and the
+  fingerprint is re-read before the final rename.
+Logps are stored as float32; the shards (kept for resuming) are removed once the whole dataset is saved.
 """
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 
+import numpy as np
 import torch
 
 from .. import linear_token_logprobs
-from .data import LOGPS_COLUMNS, WSPODataCollator
+from . import storage
+from .data import IGNORE_INDEX, LOGPS_COLUMNS, WSPODataCollator
 from .model_io import lm_head_inputs
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 FINGERPRINT_FILE = "fingerprint.json"
+CHECKSUM_FILE = "checksums.json"  # in every shard and in the dataset: the fingerprint and each column's checksum
+TOKEN_COLUMNS = ("input_ids", "labels")
 PARAM_SAMPLE = 256  # elements hashed per parameter tensor for a model's identity
+
+
+class NonFiniteLogpsError(ValueError):
+    """A frozen model gives NaN or inf logps for counted tokens."""
+
+
+def _say(message):
+    print(f"wspo-kernels: {message}", flush=True)
 
 
 def model_fingerprint(model) -> str:
@@ -46,12 +71,25 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def dataset_fingerprint(dataset) -> str:
-    """A hash of every row's input_ids and labels."""
-    h = hashlib.sha256()
-    for batch in dataset.select_columns(["input_ids", "labels"]).iter(batch_size=1024):
-        h.update(json.dumps(batch).encode())
-    return h.hexdigest()
+def column_checksums(dataset, columns) -> dict:
+    """{column: checksum} of list-valued columns: every row's length and every value (integers as int64),
+    whatever the arrow chunking, so a dataset and its copy on disk agree."""
+    table = dataset.with_format("arrow")[:]
+    out = {}
+    for name in columns:
+        lengths, values = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
+        for chunk in table.column(name).chunks:
+            lengths.update(np.ascontiguousarray(chunk.value_lengths().fill_null(-1).to_numpy(), np.int64).tobytes())
+            flat = chunk.flatten().to_numpy(zero_copy_only=False)
+            values.update(np.ascontiguousarray(flat, np.int64 if flat.dtype.kind in "iu" else None).tobytes())
+        out[name] = f"{str(table.schema.field(name).type)}:{lengths.hexdigest()}:{values.hexdigest()}"
+    return out
+
+
+def dataset_fingerprint(dataset=None, *, checksums=None) -> str:
+    """A checksum of every row's input_ids and labels (from their ``column_checksums`` when given)."""
+    checksums = checksums or column_checksums(dataset, TOKEN_COLUMNS)
+    return hashlib.sha256(json.dumps({c: checksums[c] for c in TOKEN_COLUMNS}).encode()).hexdigest()
 
 
 def cache_fingerprint(dataset, model_ids: dict, shard_size: int) -> dict:
@@ -60,89 +98,131 @@ def cache_fingerprint(dataset, model_ids: dict, shard_size: int) -> dict:
             "dataset": dataset_fingerprint(dataset), "rows": len(dataset), "shard_size": shard_size}
 
 
-def _stored_fingerprint(output_dir):
-    try:
-        with open(os.path.join(output_dir, FINGERPRINT_FILE)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+def _differences(stored, wanted):
+    diff = [k for k in wanted if k != "models" and stored.get(k) != wanted[k]]
+    return diff + [f"{role} model" for role, fp in wanted["models"].items() if stored.get("models", {}).get(role) != fp]
 
 
 def _cache_matches(output_dir, wanted, log=None) -> bool:
-    """Whether the cache in ``output_dir`` was made for ``wanted``; if not, ``log`` says what differs."""
-    stored = _stored_fingerprint(output_dir)
+    """Whether the shards in ``output_dir`` were made for ``wanted``; if not, ``log`` says what differs."""
+    stored = storage.read_json(os.path.join(output_dir, FINGERPRINT_FILE))
     if stored == wanted:
         return True
     if stored is not None and log is not None:
-        diff = [k for k in wanted if k != "models" and stored.get(k) != wanted[k]]
-        diff += [f"{role} model" for role, fp in wanted["models"].items() if stored.get("models", {}).get(role) != fp]
-        log(f"wspo-kernels: the logps cache in {output_dir} was made for a different {', '.join(diff)}: recomputing")
+        log(f"the logps cache in {output_dir} was made for a different {', '.join(_differences(stored, wanted))}: "
+            "recomputing")
     return False
 
 
-def load_cached_logps(dataset, output_dir, *, model_ids: dict, shard_size: int = 256):
-    """The dataset with its logps columns when ``output_dir`` holds a complete cache made for exactly
-    this dataset and these models (no model needs to be loaded), else None."""
-    return _complete_cache(output_dir, cache_fingerprint(dataset, model_ids, shard_size))
+def load_cached_logps(dataset, output_dir, *, model_ids: dict, shard_size: int = 256, log=_say):
+    """``dataset`` with its logps columns when ``output_dir`` holds a complete cache made for exactly this
+    dataset and these models, whose checksums hold (no model needs to be loaded), else None."""
+    with storage.directory_lock(output_dir, shared=True, log=log, what=f"the logps cache {output_dir}"):
+        return _complete_cache(dataset, output_dir, cache_fingerprint(dataset, model_ids, shard_size), log)
 
 
-def _complete_cache(output_dir, wanted):
+def _verified(path, fingerprint, rows, log, what):
+    """(dataset saved at ``path``, its column checksums) when its checksum record names ``fingerprint``
+    and every column's checksum matches what it holds; else None, and ``log`` says why."""
     from datasets import load_from_disk
-    if not _cache_matches(output_dir, wanted):
+    record = storage.read_json(os.path.join(path, CHECKSUM_FILE))
+    if not isinstance(record, dict) or not isinstance(record.get("columns"), dict):
+        log(f"{what} in {path} has no whole {CHECKSUM_FILE} (interrupted, damaged, or written by an older "
+            "version): recomputing")
+        return None
+    if record.get("fingerprint") != fingerprint:  # made for other models or rows (the fingerprint says which)
         return None
     try:
-        result = load_from_disk(os.path.join(output_dir, "dataset"))
-    except Exception:  # incomplete or broken: precompute_logps checks the shards one by one
+        ds = load_from_disk(path)
+    except Exception as e:
+        log(f"{what} in {path} does not load ({type(e).__name__}): recomputing")
         return None
-    return result if len(result) == wanted["rows"] else None
+    if len(ds) != rows:
+        log(f"{what} in {path} holds {len(ds)} rows, expected {rows}: recomputing")
+        return None
+    try:
+        held = column_checksums(ds, record["columns"])
+    except Exception as e:  # a column missing, or data arrow cannot read
+        log(f"{what} in {path} is unreadable ({type(e).__name__}: {e}): recomputing")
+        return None
+    differ = [c for c, digest in record["columns"].items() if held[c] != digest]
+    if differ:
+        log(f"{what} in {path} does not match its checksums ({', '.join(differ)} differ: the files were "
+            "changed or damaged): recomputing")
+        return None
+    return ds, held
 
 
-def _shard_logps(models, rows, collate, device, backend):
+def _save_verified(ds, path, fingerprint, what):
+    """Write ``ds`` and its checksum record to a temporary directory, then rename it into place."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with storage.writing(os.path.dirname(path), what):
+            ds.save_to_disk(tmp)
+        storage.write_json_atomically(os.path.join(tmp, CHECKSUM_FILE),
+                                      {"fingerprint": fingerprint, "columns": column_checksums(ds, ds.column_names)})
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _with_logps(dataset, logps):
+    """The freshly tokenised rows (the ones fingerprinted) with the cached logps columns beside them."""
+    from datasets import concatenate_datasets
+    columns = [c for c in LOGPS_COLUMNS.values() if c in logps.column_names]
+    dataset = dataset.remove_columns([c for c in columns if c in dataset.column_names])
+    return concatenate_datasets([dataset, logps.select_columns(columns)], axis=1)
+
+
+def _complete_cache(dataset, output_dir, wanted, log):
+    found = _verified(os.path.join(output_dir, "dataset"), wanted, wanted["rows"], log, "the logps cache")
+    if found is None:
+        return None
+    cached, held = found
+    if not set(TOKEN_COLUMNS) <= set(held) or dataset_fingerprint(checksums=held) != wanted["dataset"]:  # a record that lies about its rows
+        log(f"the logps cache in {output_dir} holds other rows than its fingerprint names: recomputing")
+        return None
+    return _with_logps(dataset, cached)
+
+
+def _counted(labels):
+    """Positions of ``labels[:, 1:]`` that carry a response token (the causal shift)."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
+def _shard_logps(models, rows, collate, device, backend, autocast_dtype=None, names=None, first_row=0):
     batch = collate(rows)
     lengths = [len(r["input_ids"]) - 1 for r in rows]
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+    counted = _counted(labels)
+    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     out = {}
-    with torch.no_grad():
+    with torch.inference_mode(), amp:
         for role, model in models.items():
             hidden, weight, bias = lm_head_inputs(model, ids, mask)
-            logps = linear_token_logprobs(hidden, weight, labels, bias=bias, shift=True, backend=backend).cpu()
-            out[LOGPS_COLUMNS[role]] = [lp[:n].tolist() for lp, n in zip(logps, lengths)]
+            logps = linear_token_logprobs(hidden, weight, labels, bias=bias, shift=True, backend=backend)
+            bad = int((~torch.isfinite(logps) & counted).sum())  # one sync per batch: the values go to the host next
+            if bad:
+                name = f" ({names[role]})" if names and names.get(role) else ""
+                raise NonFiniteLogpsError(
+                    f"{role}{name} gives non-finite logps for {bad} of {int(counted.sum())} tokens in rows "
+                    f"{first_row}-{first_row + len(rows) - 1}: its weights hold NaN / inf, or it overflows in this "
+                    "dtype; nothing was stored")
+            out[LOGPS_COLUMNS[role]] = [lp[:n].tolist() for lp, n in zip(logps.float().cpu(), lengths)]
     return out
-
-
-def _load_shard(path, rows, log):
-    from datasets import load_from_disk
-    try:
-        shard = load_from_disk(path)
-    except Exception as e:
-        log(f"wspo-kernels: shard {path} does not load ({type(e).__name__}): recomputing it")
-        return None
-    if len(shard) != rows:
-        log(f"wspo-kernels: shard {path} holds {len(shard)} rows, expected {rows}: recomputing it")
-        return None
-    return shard
-
-
-def _save_atomically(ds, path):
-    """Write then rename: what is on disk under ``path`` is always complete."""
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    ds.save_to_disk(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
 
 
 def precompute_logps(dataset, *, ref_model=None, weak_aligned_model=None, weak_base_model=None, batch_size=8,
                      shard_size=256, output_dir=None, resume=True, pad_token_id=0, backend=None, device=None,
-                     progress=True, model_ids=None, log=print):
+                     progress=True, model_ids=None, model_names=None, autocast_dtype=None, log=_say):
     """``dataset`` (input_ids, labels) plus one logps column per given model; saved under ``output_dir``.
 
     ``model_ids`` ({role: str}, roles as in ``LOGPS_COLUMNS``) names the models in the cache's
-    fingerprint; by default ``model_fingerprint`` of each.  Rows without a response token get zero logps.
+    fingerprint; by default ``model_fingerprint`` of each (and ``autocast_dtype``).  ``model_names``
+    ({role: str}) names them in messages.  Rows without a response token get zero logps.
     """
-    from datasets import Dataset, Features, Sequence, Value, concatenate_datasets
-    from tqdm.auto import tqdm
-
     models = {role: m for role, m in zip(LOGPS_COLUMNS, (ref_model, weak_aligned_model, weak_base_model))
               if m is not None}
     if not models:
@@ -150,24 +230,35 @@ def precompute_logps(dataset, *, ref_model=None, weak_aligned_model=None, weak_b
     device = torch.device(device) if device is not None else next(iter(models.values())).device
     for m in models.values():
         m.eval()
-    shard_dir = None
-    if output_dir:
-        if model_ids is None:
-            model_ids = {role: model_fingerprint(m) for role, m in models.items()}
-        elif set(model_ids) != set(models):
-            raise ValueError(f"model_ids names {sorted(model_ids)}, the models given are {sorted(models)}")
-        wanted = cache_fingerprint(dataset, model_ids, shard_size)  # hashes every row: once
-        done = _complete_cache(output_dir, wanted) if resume else None
+    run = dict(models=models, dataset=dataset, batch_size=batch_size, shard_size=shard_size, pad_token_id=pad_token_id,
+               backend=backend, device=device, progress=progress, names=model_names, autocast_dtype=autocast_dtype,
+               log=log)
+    if not output_dir:
+        return _precompute(**run, output_dir=None, wanted=None)
+    if model_ids is None:
+        model_ids = {role: model_fingerprint(m) + (f":autocast {autocast_dtype}" if autocast_dtype else "")
+                     for role, m in models.items()}
+    elif set(model_ids) != set(models):
+        raise ValueError(f"model_ids names {sorted(model_ids)}, the models given are {sorted(models)}")
+    wanted = cache_fingerprint(dataset, model_ids, shard_size)  # hashes every row: once
+    with storage.directory_lock(output_dir, log=log, what=f"the logps cache {output_dir}"):
+        done = _complete_cache(dataset, output_dir, wanted, log) if resume else None
         if done is not None:
             return done
-        resume = resume and _cache_matches(output_dir, wanted, log)
-        shard_dir = os.path.join(output_dir, "shards")
-        if not resume:
-            shutil.rmtree(shard_dir, ignore_errors=True)
+        if not (resume and _cache_matches(output_dir, wanted, log)):
+            shutil.rmtree(os.path.join(output_dir, "shards"), ignore_errors=True)
             shutil.rmtree(os.path.join(output_dir, "dataset"), ignore_errors=True)
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, FINGERPRINT_FILE), "w") as f:  # the shards that follow belong to it
-            json.dump(wanted, f, indent=1)
+            # the shards that follow belong to it
+            storage.write_json_atomically(os.path.join(output_dir, FINGERPRINT_FILE), wanted)
+        return _precompute(**run, output_dir=output_dir, wanted=wanted)
+
+
+def _precompute(*, models, dataset, batch_size, shard_size, pad_token_id, backend, device, progress, names,
+                autocast_dtype, log, output_dir, wanted):
+    from datasets import Dataset, Features, Sequence, Value, concatenate_datasets
+    from tqdm.auto import tqdm
+
+    shard_dir = os.path.join(output_dir, "shards") if output_dir else None
     collate = WSPODataCollator(pad_token_id)
     shards = []
     n_shards = (len(dataset) + shard_size - 1) // shard_size
@@ -175,23 +266,30 @@ def precompute_logps(dataset, *, ref_model=None, weak_aligned_model=None, weak_b
     for s in range(n_shards):
         lo, hi = s * shard_size, min(len(dataset), (s + 1) * shard_size)
         path = os.path.join(shard_dir, f"{s:05d}") if shard_dir else None
-        shard = _load_shard(path, hi - lo, log) if path and os.path.exists(path) else None
+        found = _verified(path, wanted, hi - lo, log, f"shard {s}") if path and os.path.exists(path) else None
+        shard = found[0] if found else None
         if shard is None:
             columns = {c: [] for c in (LOGPS_COLUMNS[r] for r in models)}
             for b in range(lo, hi, batch_size):
                 rows = [dataset[i] for i in range(b, min(hi, b + batch_size))]
-                for c, values in _shard_logps(models, rows, collate, device, backend).items():
+                for c, values in _shard_logps(models, rows, collate, device, backend, autocast_dtype, names,
+                                              b).items():
                     columns[c].extend(values)
             shard = Dataset.from_dict(columns, features=Features({c: Sequence(Value("float32")) for c in columns}))
             if path:
-                _save_atomically(shard, path)
+                os.makedirs(shard_dir, exist_ok=True)
+                _save_verified(shard, path, wanted, f"shard {s} of the logps cache")
         shards.append(shard)
         bar.update(hi - lo)
     bar.close()
     logps = concatenate_datasets(shards) if shards else Dataset.from_dict({LOGPS_COLUMNS[r]: [] for r in models})
-    dataset = dataset.remove_columns([c for c in logps.column_names if c in dataset.column_names])
-    result = concatenate_datasets([dataset, logps], axis=1)
+    result = _with_logps(dataset, logps)
     if output_dir:
-        _save_atomically(result, os.path.join(output_dir, "dataset"))
+        # Commit: the record inside the dataset carries the fingerprint, so data and fingerprint land in one
+        # rename.  A run that changed the fingerprint meanwhile (no working lock on this filesystem) wins.
+        if storage.read_json(os.path.join(output_dir, FINGERPRINT_FILE)) != wanted:
+            raise storage.StorageError(f"another run changed the logps cache in {output_dir} while this one computed "
+                                       "it; nothing of this run was committed: run it again, alone")
+        _save_verified(result, os.path.join(output_dir, "dataset"), wanted, "the logps cache")
         shutil.rmtree(shard_dir, ignore_errors=True)  # the dataset holds them all now
     return result

@@ -19,20 +19,73 @@
   definitions (per micro-batch means over the padded ``[B, T-1]`` grid, averaged over the logging
   window), ``rewards/chosen`` = γ·logp and ``logps/chosen``.  Every metric is summed over the
   data-parallel ranks before it is logged.
+- A job may die at any instant: every checkpoint is closed with a completion record after its files are
+  on disk (``checkpoints``), a save that fails or is interrupted leaves no directory behind, and
+  ``resume_from_checkpoint=True`` takes the newest *complete* checkpoint.  Resuming from a checkpoint
+  already at the last step trains nothing (the plain Trainer runs one more step).
+- Non-finite training stops (``stop_on_nonfinite=True``): before each optimizer step the step's losses
+  and gradient norm are checked (one flag, summed over the ranks, read once per optimizer step), and a
+  NaN / inf raises ``NonFiniteError`` before the weights change, so nothing non-finite is saved.
+  Resident frozen models are checked for non-finite weights when the trainer is built.
 """
 import contextlib
+import os
+import shutil
 from collections import defaultdict
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import TrainOutput
 
 from .. import linear_wspo_loss
 from .._inputs import check_gamma
+from . import checkpoints, storage
 from .data import IGNORE_INDEX, LOGPS_COLUMNS, WSPODataCollator
 from .model_io import check_supported, disable_dropout_in, gathered_for_loss, lm_head_inputs
 
 ROLES = ("ref", "weak_aligned", "weak_base")
 METRICS = ("tokens", "delta_strong", "delta_weak", "policy_logps", "micro_batches", "grid_logps")
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm of a training step is NaN or inf."""
+
+
+def _say(message):
+    print(f"wspo-kernels: {message}", flush=True)
+
+
+def nonfinite_weights(model):
+    """(count, first parameter name) of NaN / inf values in a model's parameters; (0, None) if none."""
+    total, first = 0, None
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            bad = int((~torch.isfinite(p)).sum()) if p.is_floating_point() else 0
+            total += bad
+            first = first or (name if bad else None)
+    return total, first
+
+
+class _NothingToTrain(Exception):
+    pass
+
+
+class _Guard(TrainerCallback):
+    """The trainer's checks at the Trainer's hooks: nothing left to train when training begins, and finite
+    losses and gradients before each optimizer step."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer._resuming and state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise _NothingToTrain()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._check_finite()
+
+    if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # older transformers: before the step's save
+        on_step_end = on_pre_optimizer_step
 
 
 def count_sequences(labels: torch.Tensor) -> int:
@@ -43,7 +96,7 @@ def count_sequences(labels: torch.Tensor) -> int:
 class WSPOTrainer(Trainer):
     def __init__(self, model=None, args=None, *, gamma=0.1, ref_model=None, weak_aligned_model=None,
                  weak_base_model=None, backend=None, data_collator=None, disable_dropout=True, vocab_group=None,
-                 **kwargs):
+                 stop_on_nonfinite=True, **kwargs):
         if args is not None:
             args.remove_unused_columns = False  # the precomputed logps columns must reach compute_loss
         if data_collator is None:
@@ -60,6 +113,11 @@ class WSPOTrainer(Trainer):
         for role, m in zip(ROLES, (ref_model, weak_aligned_model, weak_base_model)):
             if m is not None:
                 check_supported(m)
+                bad, first = nonfinite_weights(m)
+                if bad:
+                    name = getattr(m, "name_or_path", "") or type(m).__name__
+                    raise ValueError(f"{role} ({name}) has {bad} non-finite weights (NaN / inf; the first in {first}): "
+                                     "its logps would be NaN")
                 m = m.to(self.args.device).eval().requires_grad_(False)
             self.frozen_models[role] = m
         if disable_dropout:
@@ -69,6 +127,11 @@ class WSPOTrainer(Trainer):
         self._num_sequences = None       # global sequence count of the current optimizer step
         self._hold_gathered = None       # training_step's stack of ZeRO-3 gathers, held through the backward
         self._metrics = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self.stop_on_nonfinite = stop_on_nonfinite
+        self._nonfinite_loss = None      # device flag: a non-finite loss in the current optimizer step
+        self._last_inputs = None         # the last micro-batch, for the message when the check fails
+        self._resuming = False
+        self.add_callback(_Guard(self))
 
     # ------------------------------------------------------------------ normalisation
     def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
@@ -79,11 +142,103 @@ class WSPOTrainer(Trainer):
         self._num_sequences = n
         return batch_samples, num_items
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        output_dir = self.args.output_dir
+        if resume_from_checkpoint is True:  # the newest *complete* checkpoint, not the newest directory
+            resume_from_checkpoint = checkpoints.latest_complete(output_dir, log=_say)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no complete checkpoint in {output_dir} to resume from")
+        elif resume_from_checkpoint:
+            reason = checkpoints.why_incomplete(resume_from_checkpoint)
+            if reason is not None:
+                raise ValueError(f"{resume_from_checkpoint} is incomplete ({reason}): resume from another checkpoint")
+        if self.args.should_save:
+            checkpoints.remove_incomplete(output_dir, log=_say)
+        self._resuming = bool(resume_from_checkpoint)
         try:
-            return super().train(*args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        except _NothingToTrain:
+            self.is_in_train = False
+            _say(f"{resume_from_checkpoint} is at step {self.state.global_step} of {self.state.max_steps}: nothing "
+                 "left to train")
+            return TrainOutput(self.state.global_step, 0.0, {})
         finally:
             self._num_sequences = None  # a later compute_loss outside training normalises by its own batch
+            self._nonfinite_loss = self._last_inputs = None
+            self._resuming = False
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
+        """The Trainer's checkpoint, written into a fresh directory and closed with a completion record;
+        older checkpoints are rotated out only after that (a kill in between leaves a complete one)."""
+        run_dir = self._get_output_dir(trial=trial)
+        path = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
+        limit = self.args.save_total_limit
+        if self.args.should_save:
+            shutil.rmtree(path, ignore_errors=True)  # leftovers of an interrupted save at this step
+        self.accelerator.wait_for_everyone()
+        self.args.save_total_limit = None  # the Trainer's rotation: after the record
+        try:
+            with storage.writing(run_dir, os.path.basename(path)):
+                super()._save_checkpoint(model, trial, *args, **kwargs)
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                checkpoints.mark_complete(path, self.state.global_step)
+        except BaseException:
+            if self.args.should_save:
+                shutil.rmtree(path, ignore_errors=True)  # nothing half-written stays where a resume would look
+            raise
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save and limit:
+            self._rotate(run_dir)
+
+    def _rotate(self, run_dir):
+        if hasattr(Trainer, "_rotate_checkpoints"):  # transformers 4
+            self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
+        else:
+            from transformers.trainer_utils import rotate_checkpoints
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+
+    # ------------------------------------------------------------------ non-finite steps
+    def _check_finite(self):
+        """Before the optimizer step: stop on a non-finite loss in the step or a non-finite gradient norm."""
+        if not self.stop_on_nonfinite:
+            return
+        flags = torch.zeros(2, device=self.args.device)
+        if self._nonfinite_loss is not None:
+            flags[0] = self._nonfinite_loss.float()
+        # Under fp16 the grad scaler skips steps with inf gradients itself; DeepSpeed keeps its own gradients.
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads and getattr(self.accelerator, "scaler", None) is None and not self.is_deepspeed_enabled:
+            grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+            norms = torch._foreach_norm([g.detach().float() for g in grads])
+            flags[1] = (~torch.isfinite(torch.stack(norms).sum())).float().to(flags.device)
+        if self.args.world_size > 1:
+            flags = self.accelerator.reduce(flags, reduction="sum")
+        self._nonfinite_loss = None
+        loss_bad, grad_bad = (bool(v > 0) for v in flags.tolist())  # one read per optimizer step
+        if loss_bad or grad_bad:
+            raise NonFiniteError(self._nonfinite_message(loss_bad, grad_bad))
+
+    def _nonfinite_message(self, loss_bad, grad_bad):
+        what = " and ".join(w for w, bad in (("loss", loss_bad), ("gradient norm", grad_bad)) if bad)
+        step = self.state.global_step
+        last = checkpoints.latest_complete(self.args.output_dir)
+        causes = []
+        bad, first = nonfinite_weights(self.model)
+        if bad:
+            causes.append(f"the policy has {bad} non-finite weights (the first in {first})")
+        inputs = self._last_inputs or {}
+        for role, column in LOGPS_COLUMNS.items():
+            if column in inputs:
+                n = int((~torch.isfinite(inputs[column])).sum())
+                causes.append(f"the precomputed {column} hold {n} non-finite values" if n else "")
+        cause = "; ".join(c for c in causes if c) or "no input is non-finite: the step diverged (learning rate, dtype)"
+        return (f"the {what} is not finite (NaN / inf) in step {step + 1}; training stopped before the optimizer "
+                f"step, nothing was saved (last complete checkpoint: {last or 'none'}). Cause: {cause}. "
+                "stop_on_nonfinite: false trains on")
 
     def _normalizer(self, model):
         if not model.training or self._num_sequences is None:
@@ -100,6 +255,10 @@ class WSPOTrainer(Trainer):
             with contextlib.ExitStack() as self._hold_gathered:
                 with self.compute_loss_context_manager():
                     loss = self.compute_loss(model, inputs)
+                if self.stop_on_nonfinite:  # a device flag: read once per optimizer step (_check_finite)
+                    bad = ~torch.isfinite(loss.detach())
+                    self._nonfinite_loss = bad if self._nonfinite_loss is None else self._nonfinite_loss | bad
+                    self._last_inputs = inputs
                 if self._num_sequences is None:  # no step-wide count (older Trainer): per-micro-batch means
                     loss = loss / self.args.gradient_accumulation_steps
                 # The loss is already normalised for the whole step: DeepSpeed must not divide it by the
