@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("yaml")
 
-from train_fixtures import VOCAB, save_tiny_checkpoints, tiny  # noqa: E402
+from train_fixtures import VOCAB, save_tiny_checkpoints, tiny, words, write_config  # noqa: E402
 
 from wspo_kernels.__main__ import main as wspo_main  # noqa: E402
 from wspo_kernels.train import cli  # noqa: E402
@@ -73,19 +73,6 @@ eval_steps: 1000
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return save_tiny_checkpoints(tmp_path_factory.mktemp("ckpt"))
-
-
-def write_config(path, paths, data, out, *extra):
-    lines = [f"model_name_or_path: {paths['policy']}", f"weak_aligned_model: {paths['weak_aligned']}",
-             f"weak_base_model: {paths['weak_base']}", f"dataset: {data}", f"output_dir: {out}", "use_cpu: true",
-             "bf16: false", "max_steps: 2", "per_device_train_batch_size: 4", "gradient_accumulation_steps: 1",
-             "cutoff_len: 8", "logging_steps: 1", "save_strategy: 'no'", *extra]
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
-
-def words(n, start=0):
-    return " ".join(f"w{(start + i) % (VOCAB - 4)}" for i in range(n))
 
 
 # ---------------------------------------------------------------- 6. the official recipe's YAML runs unchanged
@@ -217,6 +204,27 @@ def test_row_formats():
         prompt_response({"question": "q"})
     with pytest.raises(ValueError, match="last message must be the assistant's"):
         prompt_response({"messages": chat[:1] * 2})
+
+
+def test_ultrafeedback_rows_are_truncated_by_the_official_rule(tmp_path, ckpt):
+    """UltraFeedback-binarized rows carry prompt, chosen, rejected *and* messages (the chosen chat): they
+    are read as preference rows, so the long rejected answer budgets the cut (issue 18, item 12)."""
+    paths, _ = ckpt
+    prompt, chosen, rejected = words(12), words(3, 20), words(14, 30)
+
+    def chat(answer):
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    full = {"prompt": prompt, "chosen": chat(chosen), "rejected": chat(rejected), "messages": chat(chosen)}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(paths["policy"])
+    rows = {}
+    for name, row in (("full", full), ("without messages", {k: v for k, v in full.items() if k != "messages"})):
+        data = tmp_path / f"{len(rows)}.jsonl"
+        data.write_text(json.dumps(row) + "\n")
+        config = parse_config([write_config(tmp_path / "c.yaml", paths, data, tmp_path / "out", "cutoff_len: 16")])
+        rows[name] = cli.prepare_dataset(config.wspo, tokenizer, 16)[0]
+    assert rows["full"] == rows["without messages"]
+    kept_prompt = sum(y == -100 for y in rows["full"]["labels"])
+    assert kept_prompt == infer_seqlen(12, 15, 16)[0] == 8  # the response budget is the rejected's 14 + EOS
 
 
 def test_file_formats(tmp_path):

@@ -53,3 +53,17 @@ def save_tiny_checkpoints(tmp_path, **config):
     return paths, str(data)
 
 
+
+
+def write_config(path, paths, data, out, *extra):
+    """A CLI config on the tiny checkpoints: two steps of 4 rows in fp32 on the CPU, no checkpoints."""
+    lines = [f"model_name_or_path: {paths['policy']}", f"weak_aligned_model: {paths['weak_aligned']}",
+             f"weak_base_model: {paths['weak_base']}", f"dataset: {data}", f"output_dir: {out}", "use_cpu: true",
+             "bf16: false", "max_steps: 2", "per_device_train_batch_size: 4", "gradient_accumulation_steps: 1",
+             "cutoff_len: 8", "logging_steps: 1", "save_strategy: 'no'", *extra]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def words(n, start=0):
+    return " ".join(f"w{(start + i) % (VOCAB - 4)}" for i in range(n))

@@ -35,7 +35,7 @@ from .data import IGNORE_INDEX, WSPODataCollator, build_example, encode_prompt_r
 from .formats import prompt_response, read_records
 from .model_io import context_limit
 from .precompute import NonFiniteLogpsError
-from .trainer import NonFiniteError
+from .trainer import NonFiniteError, NonFiniteWeightsError
 
 ROLE_KEYS = {"ref": "ref_model", "weak_aligned": "weak_aligned_model", "weak_base": "weak_base_model"}
 CHECKPOINT_FILES = (".safetensors", ".bin", ".pt", ".pth")
@@ -47,7 +47,7 @@ class Interrupted(Exception):
     """Ctrl-C (SIGINT): the message says where the run stopped and how to go on."""
 
 
-RUN_ERRORS = (storage.StorageError, NonFiniteError, NonFiniteLogpsError)  # one line, exit status 1
+RUN_ERRORS = (storage.StorageError, NonFiniteError, NonFiniteLogpsError, NonFiniteWeightsError)  # one line, exit status 1
 
 
 def _say(message):
@@ -70,11 +70,17 @@ def _load_model(name, dtype):
 
 def frozen_numerics(w, training):
     """{role: (weights dtype, autocast dtype or None)}: the reference in the policy's own weight dtype
-    (``_policy``), every frozen model under the autocast the Trainer runs the policy in."""
+    (``_policy``), every frozen model under the autocast the Trainer runs the policy in.  Every model is
+    loaded in the compute dtype first (``_load_frozen``), as the policy is: fp32 master weights hold
+    the compute dtype's rounding of the checkpoint."""
     dtype = _dtype(training)
     autocast = None if dtype == torch.float32 else dtype
     policy_weights = torch.float32 if w.finetuning_type == "full" and not w.pure_bf16 else dtype
     return {role: (policy_weights if role == "ref" else dtype, autocast) for role in ROLE_KEYS}
+
+
+def _load_frozen(name, training, numerics):
+    return _load_model(name, _dtype(training)).to(numerics[0])
 
 
 def _numerics_id(numerics):
@@ -241,7 +247,7 @@ def _precomputed_dataset(config, tokenizer, ds, cache):
             return cached
     device = "cpu" if config.training.use_cpu or not torch.cuda.is_available() else "cuda"
     with _whole_weights(config.training):
-        models = {role: _load_model(name, numerics[role][0]).to(device) for role, name in sources.items()}
+        models = {role: _load_frozen(name, config.training, numerics[role]).to(device) for role, name in sources.items()}
     if not all(ids.values()):  # downloaded just now
         ids = _model_ids(sources, numerics, cache)
     autocast = {a for _, a in numerics.values()}.pop()  # one autocast for every frozen model
@@ -320,7 +326,7 @@ def train_main(argv):
         if w.finetuning_type == "lora" and not w.ref_model:
             del sources["ref"]  # the reference is the policy with its adapters disabled
         with _whole_weights(args):
-            frozen = {f"{role}_model": _load_model(name, numerics[role][0]) for role, name in sources.items()}
+            frozen = {f"{role}_model": _load_frozen(name, args, numerics[role]) for role, name in sources.items()}
     eval_ds = None
     if w.val_size > 0:
         split = ds.train_test_split(test_size=int(w.val_size) if w.val_size >= 1 else w.val_size, seed=args.seed)

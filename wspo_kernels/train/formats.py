@@ -10,6 +10,10 @@ Files: a JSON array (pretty-printed or not), JSON Lines, or a ``datasets`` direc
 | Alpaca ``instruction``, ``input``, ``output`` | ``instruction`` + newline + ``input`` | ``output`` |
 | chat ``messages`` (or ``conversations``) | every message before the last | the last message (assistant) |
 
+A row with ``chosen`` is a preference row whatever else it carries: UltraFeedback-binarized rows hold
+``prompt``, ``chosen``, ``rejected`` *and* ``messages`` (the chosen chat again), and are read from
+``chosen`` / ``rejected``, so that the rejected response budgets the truncation as the official processor does.
+
 ``chosen`` may itself be a chat: a whole conversation (UltraFeedback-binarized: ``[user, assistant]``,
 whose messages before the last are the prompt) or TRL's conversational form (``prompt`` a list of
 messages, ``chosen`` ``[assistant]``).  An optional ``system`` string becomes a system message.  Chat
@@ -89,7 +93,9 @@ def prompt_response(record: dict, index: int = 0):
     where = f"row {index}"
     chat = record.get("messages", record.get("conversations"))
     rejected = None
-    if chat is not None:
+    # A preference row is read as one even when it also carries the chosen chat as `messages`
+    # (UltraFeedback-binarized): its `rejected` half budgets the official truncation.
+    if chat is not None and record.get("chosen") is None:
         prompt, response = _split_chat(chat, where)
     else:
         response_key = next((k for k in RESPONSE_KEYS if record.get(k) is not None), None)

@@ -125,6 +125,8 @@ def _verified(path, fingerprint, rows, log, what):
     """(dataset saved at ``path``, its column checksums) when its checksum record names ``fingerprint``
     and every column's checksum matches what it holds; else None, and ``log`` says why."""
     from datasets import load_from_disk
+    if not os.path.exists(path):
+        return None
     record = storage.read_json(os.path.join(path, CHECKSUM_FILE))
     if not isinstance(record, dict) or not isinstance(record.get("columns"), dict):
         log(f"{what} in {path} has no whole {CHECKSUM_FILE} (interrupted, damaged, or written by an older "
@@ -159,6 +161,7 @@ def _save_verified(ds, path, fingerprint, what):
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with storage.writing(os.path.dirname(path), what):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             ds.save_to_disk(tmp)
         storage.write_json_atomically(os.path.join(tmp, CHECKSUM_FILE),
                                       {"fingerprint": fingerprint, "columns": column_checksums(ds, ds.column_names)})
@@ -263,25 +266,26 @@ def _precompute(*, models, dataset, batch_size, shard_size, pad_token_id, backen
     shards = []
     n_shards = (len(dataset) + shard_size - 1) // shard_size
     bar = tqdm(total=len(dataset), desc="precompute logps", disable=not progress)
-    for s in range(n_shards):
-        lo, hi = s * shard_size, min(len(dataset), (s + 1) * shard_size)
-        path = os.path.join(shard_dir, f"{s:05d}") if shard_dir else None
-        found = _verified(path, wanted, hi - lo, log, f"shard {s}") if path and os.path.exists(path) else None
-        shard = found[0] if found else None
-        if shard is None:
-            columns = {c: [] for c in (LOGPS_COLUMNS[r] for r in models)}
-            for b in range(lo, hi, batch_size):
-                rows = [dataset[i] for i in range(b, min(hi, b + batch_size))]
-                for c, values in _shard_logps(models, rows, collate, device, backend, autocast_dtype, names,
-                                              b).items():
-                    columns[c].extend(values)
-            shard = Dataset.from_dict(columns, features=Features({c: Sequence(Value("float32")) for c in columns}))
-            if path:
-                os.makedirs(shard_dir, exist_ok=True)
-                _save_verified(shard, path, wanted, f"shard {s} of the logps cache")
-        shards.append(shard)
-        bar.update(hi - lo)
-    bar.close()
+    try:  # the bar ends its line whatever stops the loop, so an error message starts on its own
+        for s in range(n_shards):
+            lo, hi = s * shard_size, min(len(dataset), (s + 1) * shard_size)
+            path = os.path.join(shard_dir, f"{s:05d}") if shard_dir else None
+            found = _verified(path, wanted, hi - lo, log, f"shard {s}") if path else None
+            shard = found[0] if found else None
+            if shard is None:
+                columns = {c: [] for c in (LOGPS_COLUMNS[r] for r in models)}
+                for b in range(lo, hi, batch_size):
+                    rows = [dataset[i] for i in range(b, min(hi, b + batch_size))]
+                    for c, values in _shard_logps(models, rows, collate, device, backend, autocast_dtype, names,
+                                                  b).items():
+                        columns[c].extend(values)
+                shard = Dataset.from_dict(columns, features=Features({c: Sequence(Value("float32")) for c in columns}))
+                if path:
+                    _save_verified(shard, path, wanted, f"shard {s} of the logps cache")
+            shards.append(shard)
+            bar.update(hi - lo)
+    finally:
+        bar.close()
     logps = concatenate_datasets(shards) if shards else Dataset.from_dict({LOGPS_COLUMNS[r]: [] for r in models})
     result = _with_logps(dataset, logps)
     if output_dir:

@@ -51,6 +51,10 @@ class NonFiniteError(RuntimeError):
     """The loss or the gradient norm of a training step is NaN or inf."""
 
 
+class NonFiniteWeightsError(ValueError):
+    """A resident frozen model holds NaN or inf weights."""
+
+
 def _say(message):
     print(f"wspo-kernels: {message}", flush=True)
 
@@ -116,7 +120,7 @@ class WSPOTrainer(Trainer):
                 bad, first = nonfinite_weights(m)
                 if bad:
                     name = getattr(m, "name_or_path", "") or type(m).__name__
-                    raise ValueError(f"{role} ({name}) has {bad} non-finite weights (NaN / inf; the first in {first}): "
+                    raise NonFiniteWeightsError(f"{role} ({name}) has {bad} non-finite weights (NaN / inf; the first in {first}): "
                                      "its logps would be NaN")
                 m = m.to(self.args.device).eval().requires_grad_(False)
             self.frozen_models[role] = m
@@ -161,7 +165,14 @@ class WSPOTrainer(Trainer):
             self.is_in_train = False
             _say(f"{resume_from_checkpoint} is at step {self.state.global_step} of {self.state.max_steps}: nothing "
                  "left to train")
-            return TrainOutput(self.state.global_step, 0.0, {})
+            return TrainOutput(self.state.global_step, 0.0, {"train_runtime": 0.0})
+        except BaseException:
+            for callback in self.callback_handler.callbacks:  # end the progress bar's line before any message
+                bar = getattr(callback, "training_bar", None)
+                if bar is not None:
+                    bar.close()
+                    callback.training_bar = None
+            raise
         finally:
             self._num_sequences = None  # a later compute_loss outside training normalises by its own batch
             self._nonfinite_loss = self._last_inputs = None
@@ -236,7 +247,8 @@ class WSPOTrainer(Trainer):
                 n = int((~torch.isfinite(inputs[column])).sum())
                 causes.append(f"the precomputed {column} hold {n} non-finite values" if n else "")
         cause = "; ".join(c for c in causes if c) or "no input is non-finite: the step diverged (learning rate, dtype)"
-        return (f"the {what} is not finite (NaN / inf) in step {step + 1}; training stopped before the optimizer "
+        verb = "are" if loss_bad and grad_bad else "is"
+        return (f"the {what} {verb} not finite (NaN / inf) in step {step + 1}; training stopped before the optimizer "
                 f"step, nothing was saved (last complete checkpoint: {last or 'none'}). Cause: {cause}. "
                 "stop_on_nonfinite: false trains on")
 
