@@ -34,7 +34,8 @@ PAGE = 4096
 
 # Runs `wspo-kernels ARGS...` with one fault injected at an exact point:
 #   kill-in-save:N / sigint-in-save:N   SIGKILL / SIGINT itself while checkpoint-N is being written
-#   stop-after-shard:N                  SIGSTOP itself (as a scheduler suspends a job) once shard N is saved
+#   stop-after-shard:N / kill-after-shard:N   SIGSTOP (as a scheduler suspends a job) / SIGKILL itself once
+#                                              shard N is saved
 RUNNER = r"""
 import os, signal, sys
 fault, point = sys.argv[1].split(":")
@@ -47,13 +48,13 @@ if fault in ("kill-in-save", "sigint-in-save"):
             os.kill(os.getpid(), signal.SIGKILL if fault == "kill-in-save" else signal.SIGINT)
         return real(self, output_dir)
     Trainer._save_rng_state = save_rng
-elif fault == "stop-after-shard":
+elif fault in ("stop-after-shard", "kill-after-shard"):
     import wspo_kernels.train.precompute as pre
     real = pre._save_verified
     def save(ds, path, *a, **k):
         real(ds, path, *a, **k)
         if path.endswith(f"shards/{point:05d}"):
-            os.kill(os.getpid(), signal.SIGSTOP)
+            os.kill(os.getpid(), signal.SIGSTOP if fault == "stop-after-shard" else signal.SIGKILL)
     pre._save_verified = save
 from wspo_kernels.__main__ import main
 sys.exit(main(sys.argv[2:]))
@@ -326,6 +327,36 @@ def test_concurrent_precomputes_do_not_mix(tmp_path):
     assert stored == json.loads((tmp_path / "clean" / "precomputed" / "fingerprint.json").read_text())
     trained = run_cli("train", config, f"weak_aligned_model={other}")
     assert trained.returncode == 0 and "reusing the precomputed logps" in trained.stdout, trained.stderr[-2000:]
+
+
+def test_killed_or_interrupted_precompute_resumes_exactly(tmp_path, ckpt, capsys, monkeypatch):
+    """SIGKILL after shard 1 of 3: the rerun keeps shards 0-1 (checked) and ends equal to a clean run.
+    Ctrl-C mid-shard: one line, exit 130, and again a rerun ends equal."""
+    paths, _ = ckpt
+    data = write_rows(tmp_path / "rows.jsonl", 600)
+    clean = cli.precompute_main([write_config(tmp_path / "c0.yaml", paths, data, tmp_path / "clean")])
+    config = write_config(tmp_path / "c.yaml", paths, data, tmp_path / "out")
+    killed = run_cli("precompute", config, fault="kill-after-shard:1")
+    assert killed.returncode == -signal.SIGKILL and sorted(os.listdir(tmp_path / "out" / "precomputed" / "shards")) \
+        == ["00000", "00001"]
+    calls = []
+    real = precompute_mod._shard_logps
+    monkeypatch.setattr(precompute_mod, "_shard_logps", lambda *a: calls.append(a[-1]) or real(*a))
+    again = cli.precompute_main([config])
+    assert min(calls) == 512  # only shard 2 was computed
+    for c in LOGPS:
+        assert again[c] == clean[c], c
+    config = write_config(tmp_path / "c2.yaml", paths, data, tmp_path / "int")
+    monkeypatch.setattr(precompute_mod, "_shard_logps",
+                        lambda *a: (_ for _ in ()).throw(KeyboardInterrupt) if a[-1] >= 300 else real(*a))
+    capsys.readouterr()
+    assert wspo_main(["precompute", config]) == 130
+    one_line_error(capsys.readouterr().err, r"interrupted during precompute; the finished shards in \S+ are kept and "
+                                            "checked: rerun the same command to go on")
+    monkeypatch.setattr(precompute_mod, "_shard_logps", real)
+    again = cli.precompute_main([config])
+    for c in LOGPS:
+        assert again[c] == clean[c], c
 
 
 def _stopped(pid):

@@ -6,8 +6,8 @@ Needs ``transformers`` (and ``datasets`` for precompute): ``pip install wspo-ker
 """
 from .data import LOGPS_COLUMNS, WSPODataCollator, tokenize_prompt_response
 from .model_io import lm_head_inputs
-from .precompute import precompute_logps
-from .trainer import WSPOTrainer
+from .precompute import NonFiniteLogpsError, precompute_logps
+from .trainer import NonFiniteError, NonFiniteWeightsError, WSPOTrainer
 
 __all__ = ["WSPOTrainer", "WSPODataCollator", "tokenize_prompt_response", "precompute_logps", "lm_head_inputs",
-           "LOGPS_COLUMNS"]
+           "LOGPS_COLUMNS", "NonFiniteError", "NonFiniteWeightsError", "NonFiniteLogpsError"]
