@@ -521,16 +521,18 @@ def test_full_disk_during_precompute_is_one_line(tmp_path, ckpt, capsys):
     assert len(big) == 300
 
 
-def test_full_disk_during_a_checkpoint_is_one_line(tmp_path, ckpt, capsys, monkeypatch):
-    """The disk fills while checkpoint-2 is written (torch's zip writer then raises 'unexpected pos'):
-    one line naming the checkpoint, exit 1, no checkpoint-2 directory left."""
+@pytest.mark.parametrize("writer", ["_save", "_save_optimizer_and_scheduler"])
+def test_full_disk_during_a_checkpoint_is_one_line(tmp_path, ckpt, capsys, monkeypatch, writer):
+    """The disk fills while checkpoint-2 is written, before the weights (safetensors: 'os error 28') or
+    before the optimizer (torch's zip writer: 'unexpected pos'): one line naming the checkpoint, exit 1,
+    no checkpoint-2 directory left."""
     from transformers import Trainer
     paths, data = ckpt
     with _tmpfs(tmp_path / "small", "size=2m") as small:
         config = _train_config(tmp_path, paths, data, small / "out", "max_steps: 2")
-        real = Trainer._save_optimizer_and_scheduler
+        real = getattr(Trainer, writer)
 
-        def fill_then_save(self, output_dir):
+        def fill_then_save(self, output_dir, *a, **k):
             with open(small / "filler", "wb") as f:
                 try:
                     while True:
@@ -538,8 +540,8 @@ def test_full_disk_during_a_checkpoint_is_one_line(tmp_path, ckpt, capsys, monke
                         f.flush()
                 except OSError:
                     pass
-            return real(self, output_dir)
-        monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", fill_then_save)
+            return real(self, output_dir, *a, **k)
+        monkeypatch.setattr(Trainer, writer, fill_then_save)
         assert wspo_main(["train", config]) == 1
         one_line_error(capsys.readouterr().err, r"error: no space left on \S+ while writing checkpoint-2")
         assert not os.path.exists(small / "out" / "checkpoint-2")

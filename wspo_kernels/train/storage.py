@@ -2,7 +2,7 @@
 
 - ``writing(path, what)``: a full disk (or quota, or file-size limit) while writing ``what`` becomes one
   ``StorageError`` line -- "no space left on <path> while writing <what>" -- instead of an OSError deep in
-  pyarrow or torch's zip writer (which reports ENOSPC as "unexpected pos ...").
+  pyarrow, torch's zip writer (which reports ENOSPC as "unexpected pos ...") or safetensors.
 - ``write_json_atomically``: a small record (fingerprint, checksums, file-hash memo) is either the old one
   or the new one, never a torn file.
 - ``directory_lock``: one writer per cache directory (``flock``; a second run waits, saying who holds it,
@@ -18,8 +18,10 @@ import shutil
 import socket
 
 SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-# torch.save's zip writer turns a failed write into a RuntimeError without the errno.
-TORCH_WRITE_FAILURES = ("inline_container", "PytorchStreamWriter", "file write failed")
+# Writers that lose the errno: torch.save's zip writer (a RuntimeError: "unexpected pos ..."), and
+# safetensors (SafetensorError: "... No space left on device (os error 28)").
+WRITE_FAILURES = ("inline_container", "PytorchStreamWriter", "file write failed", "os error 28", "os error 122",
+                  "No space left on device")
 LOW_SPACE_BYTES = 64 << 20
 LOCK_FILE = ".lock"
 
@@ -59,8 +61,8 @@ def writing(path, what):
         if e.errno in SPACE_ERRNOS:
             raise StorageError(space_message(path, what, e)) from e
         raise StorageError(f"cannot write {what} to {path}: {e.strerror or e}") from e
-    except RuntimeError as e:
-        if isinstance(e, StorageError) or not any(s in str(e) for s in TORCH_WRITE_FAILURES):
+    except Exception as e:
+        if isinstance(e, StorageError) or not any(s in str(e) for s in WRITE_FAILURES):
             raise
         free = _free_bytes(path)
         if free is not None and free < LOW_SPACE_BYTES:
