@@ -34,6 +34,7 @@ PAGE = 4096
 
 # Runs `wspo-kernels ARGS...` with one fault injected at an exact point:
 #   kill-in-save:N / sigint-in-save:N   SIGKILL / SIGINT itself while checkpoint-N is being written
+#   kill-before-record:N                SIGKILL itself once checkpoint-N is written, before its completion record
 #   stop-after-shard:N / kill-after-shard:N   SIGSTOP (as a scheduler suspends a job) / SIGKILL itself once
 #                                              shard N is saved
 RUNNER = r"""
@@ -48,6 +49,14 @@ if fault in ("kill-in-save", "sigint-in-save"):
             os.kill(os.getpid(), signal.SIGKILL if fault == "kill-in-save" else signal.SIGINT)
         return real(self, output_dir)
     Trainer._save_rng_state = save_rng
+elif fault == "kill-before-record":
+    import wspo_kernels.train.checkpoints as ck
+    real = ck.mark_complete
+    def mark(path, step):  # every rank's files and trainer_state.json are written, the record is not
+        if step == point:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(path, step)
+    ck.mark_complete = mark
 elif fault in ("stop-after-shard", "kill-after-shard"):
     import wspo_kernels.train.precompute as pre
     name = "_save_verified" if hasattr(pre, "_save_verified") else "_save_atomically"  # before checksums
@@ -132,27 +141,27 @@ def test_corrupted_cache_is_recomputed(tmp_path, ckpt, capsys, damage):
     arrow = cache_arrow(tmp_path / "out")
     if damage == "logp-bit":  # one bit of one weak_base logp
         flip_bit_at(arrow, offset_of(arrow, struct.pack("<f", clean["weak_base_logps"][5][-1])), bit=3)
-        differs = "weak_base_logps"
+        differs = ("does not match its checksums (weak_base_logps differ",)
     elif damage == "label-bit":  # one label of one row (int64 in the file)
         row = clean["labels"][7]
         flip_bit_at(arrow, offset_of(arrow, struct.pack(f"<{len(row)}q", *row)) + 8 * (len(row) - 1), bit=1)
-        differs = "labels"
+        differs = ("does not match its checksums (labels differ",)
     elif damage == "zeroed-page":  # the 4 KiB page that holds the logps
         off = offset_of(arrow, struct.pack("<f", clean["ref_logps"][3][-1]))
         data_ = bytearray(open(arrow, "rb").read())
         start = off // PAGE * PAGE
         data_[start:start + PAGE] = bytes(min(PAGE, len(data_) - start))
         open(arrow, "wb").write(bytes(data_))
-        differs = ""
+        differs = ("does not load", "does not match its checksums", "is unreadable")
     else:
         with open(arrow, "r+b") as f:
             f.truncate(os.path.getsize(arrow) // 2)
-        differs = ""
+        differs = ("does not load", "is unreadable")
     capsys.readouterr()
     trainer = cli.train_main([config])
     out = capsys.readouterr().out
     assert "reusing the precomputed logps" not in out and "recomputing" in out, out
-    assert differs in out and "wspo-kernels: wspo-kernels" not in out
+    assert any(d in out for d in differs) and "wspo-kernels: wspo-kernels" not in out, out
     repaired = datasets.load_from_disk(str(tmp_path / "out" / "precomputed" / "dataset"))
     for c in LOGPS + ["input_ids", "labels"]:
         assert repaired[c] == clean[c], c
@@ -403,6 +412,12 @@ def test_kill_or_ctrl_c_during_a_checkpoint_then_rerun(tmp_path):
     assert re.search(r"resuming from \S+checkpoint-2 \(step 2\)", rerun.stdout) and \
         "starts over" not in rerun.stdout, rerun.stdout
     assert_same_weights(saved_weights(str(tmp_path / "out")), saved_weights(str(tmp_path / "clean")))
+    config = _train_config(tmp_path, paths, data, tmp_path / "rec")
+    killed = run_cli("train", config, fault="kill-before-record:4")  # checkpoint-4 whole but for its record
+    assert killed.returncode == -signal.SIGKILL and os.path.exists(tmp_path / "rec" / "checkpoint-4" / "trainer_state.json")
+    rerun = run_cli("train", config, "resume_from_checkpoint=true")
+    assert rerun.returncode == 0 and "checkpoint-4 is incomplete (interrupted while it was written)" in rerun.stdout
+    assert_same_weights(saved_weights(str(tmp_path / "rec")), saved_weights(str(tmp_path / "clean")))
     config = _train_config(tmp_path, paths, data, tmp_path / "int")
     interrupted = run_cli("train", config, fault="sigint-in-save:4")
     assert interrupted.returncode == 130
@@ -471,8 +486,43 @@ def test_requeue_resumes_and_overwrite_starts_over(tmp_path, ckpt, capsys, monke
                      capsys.readouterr().out)
     assert len(steps) == 2 and trainer.state.global_step == 4
     steps.clear()
-    trainer = cli.train_main([config, "max_steps=4", "overwrite_output_dir=true"])
+    trainer = cli.train_main([config, "max_steps=4", "resume_from_checkpoint=false"])
     assert "resuming" not in capsys.readouterr().out and len(steps) == 4
+    steps.clear()
+    trainer = cli.train_main([config, "max_steps=2", "overwrite_output_dir=true"])  # an earlier run's 4 goes
+    assert "removing the 2 checkpoint(s) of an earlier run" in capsys.readouterr().out and len(steps) == 2
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    trainer = cli.train_main([config, "max_steps=2"])
+    assert "nothing left to train" in capsys.readouterr().out
+
+
+def test_a_second_training_run_on_one_output_dir_is_refused(tmp_path, ckpt, capsys):
+    from wspo_kernels.train import storage
+    paths, data = ckpt
+    out = tmp_path / "out"
+    config = _train_config(tmp_path, paths, data, out, "max_steps: 2")
+    with storage.directory_lock(str(out)):  # another run, training there
+        assert wspo_main(["train", config]) == 1
+    one_line_error(capsys.readouterr().err, rf"error: output_dir {re.escape(str(out))} is in use by pid {os.getpid()}")
+    assert not list(out.glob("checkpoint-*"))
+    assert wspo_main(["train", config]) == 0  # the lock went with the run that held it
+
+
+def test_library_precompute_keeps_other_columns_and_reuses_its_cache(tmp_path, monkeypatch):
+    """Columns beside the tokens (an id string, a score) are checksummed too, and the cache is reused."""
+    rows = [dict(r, id=f"row-{i}", score=float(i)) for i, r in enumerate(_rows(6))]
+    ds = datasets.Dataset.from_list(rows)
+    frozen = dict(ref_model=tiny(1), weak_aligned_model=tiny(2), weak_base_model=tiny(3))
+    logs = []
+    first = precompute_mod.precompute_logps(ds, **frozen, output_dir=str(tmp_path / "pre"), progress=False,
+                                            log=logs.append)
+    calls = []
+    real = precompute_mod._shard_logps
+    monkeypatch.setattr(precompute_mod, "_shard_logps", lambda *a: calls.append(1) or real(*a))
+    again = precompute_mod.precompute_logps(ds, **frozen, output_dir=str(tmp_path / "pre"), progress=False,
+                                            log=logs.append)
+    assert again["id"] == first["id"] == [r["id"] for r in rows] and again["ref_logps"] == first["ref_logps"]
+    assert not calls and not logs  # reused as it is, nothing recomputed
 
 
 # ---------------------------------------------------------------- 8, 9. unwritable output_dir, full disk
@@ -522,18 +572,20 @@ def test_full_disk_during_precompute_is_one_line(tmp_path, ckpt, capsys):
     assert len(big) == 300
 
 
-@pytest.mark.parametrize("writer", ["_save", "_save_optimizer_and_scheduler"])
+@pytest.mark.parametrize("writer", ["safe_save_file", "_save_optimizer_and_scheduler"])
 def test_full_disk_during_a_checkpoint_is_one_line(tmp_path, ckpt, capsys, monkeypatch, writer):
-    """The disk fills while checkpoint-2 is written, before the weights (safetensors: 'os error 28') or
-    before the optimizer (torch's zip writer: 'unexpected pos'): one line naming the checkpoint, exit 1,
-    no checkpoint-2 directory left."""
+    """The disk fills while checkpoint-2 is written, after its config.json as the weights are written
+    (safetensors: 'os error 28') or before the optimizer (torch's zip writer: 'unexpected pos'): one line
+    naming the checkpoint, exit 1, no checkpoint-2 directory left."""
+    import transformers.modeling_utils
     from transformers import Trainer
     paths, data = ckpt
+    owner = transformers.modeling_utils if writer == "safe_save_file" else Trainer
     with _tmpfs(tmp_path / "small", "size=2m") as small:
         config = _train_config(tmp_path, paths, data, small / "out", "max_steps: 2")
-        real = getattr(Trainer, writer)
+        real = getattr(owner, writer)
 
-        def fill_then_save(self, output_dir, *a, **k):
+        def fill_then_save(*a, **k):
             with open(small / "filler", "wb") as f:
                 try:
                     while True:
@@ -541,8 +593,8 @@ def test_full_disk_during_a_checkpoint_is_one_line(tmp_path, ckpt, capsys, monke
                         f.flush()
                 except OSError:
                     pass
-            return real(self, output_dir, *a, **k)
-        monkeypatch.setattr(Trainer, writer, fill_then_save)
+            return real(*a, **k)
+        monkeypatch.setattr(owner, writer, fill_then_save)
         assert wspo_main(["train", config]) == 1
         one_line_error(capsys.readouterr().err, r"error: no space left on \S+ while writing checkpoint-2")
         assert not os.path.exists(small / "out" / "checkpoint-2")

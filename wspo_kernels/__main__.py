@@ -118,7 +118,7 @@ def _train_command(command, argv):
         print(f"{prog}: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted before training began; nothing to resume", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
 

@@ -1,18 +1,20 @@
 """Which ``checkpoint-N`` directories can be resumed from.
 
 The Trainer writes a checkpoint file by file into its final directory, so a kill, a Ctrl-C or a full disk
-mid-save leaves a directory that looks like a checkpoint by its name.  ``WSPOTrainer`` therefore closes
-every checkpoint it writes with a record, ``wspo_complete.json`` (each file's size, after every file was
-flushed to disk), and only a directory whose record matches its files is taken:
+mid-save leaves a directory that looks like a checkpoint by its name.  ``WSPOTrainer`` therefore opens
+every checkpoint it writes with a marker, ``wspo_writing``, and closes it, once every rank has written its
+part and every file is flushed to disk, with a record, ``wspo_complete.json`` (each file's size); only a
+directory whose record matches its files is taken:
 
 - ``latest_complete(output_dir)``: the newest complete checkpoint (what ``resume_from_checkpoint: true``
   and the CLI's automatic resume take); incomplete ones are skipped, with the reason.
 - ``remove_incomplete(output_dir)``: deletes them before training writes new ones beside them (the
   Trainer's ``save_total_limit`` rotation counts every ``checkpoint-*`` directory).
 
-A checkpoint without a record (written by plain ``transformers.Trainer`` or an older version) is taken
-when its ``trainer_state.json``, which the Trainer writes last, loads.
+A checkpoint with neither marker nor record (written by plain ``transformers.Trainer`` or an older
+version) is taken when its ``trainer_state.json``, which the Trainer writes last, loads.
 """
+import contextlib
 import os
 import re
 import shutil
@@ -20,6 +22,7 @@ import shutil
 from . import storage
 
 COMPLETE_FILE = "wspo_complete.json"
+WRITING_FILE = "wspo_writing"
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -30,9 +33,16 @@ def _files(path):
         for name in files:
             full = os.path.join(dirpath, name)
             rel = os.path.relpath(full, path)
-            if rel != COMPLETE_FILE:
+            if rel not in (COMPLETE_FILE, WRITING_FILE):
                 out[rel] = os.path.getsize(full)
     return out
+
+
+def mark_writing(path):
+    """Open the checkpoint at ``path``: until its record is written, it is incomplete whatever it holds."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, WRITING_FILE), "w"):
+        pass
 
 
 def mark_complete(path, global_step):
@@ -41,6 +51,8 @@ def mark_complete(path, global_step):
         storage.fsync_tree(path)
     storage.write_json_atomically(os.path.join(path, COMPLETE_FILE),
                                   {"global_step": global_step, "files": _files(path)})
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(path, WRITING_FILE))
 
 
 def why_incomplete(path):
@@ -51,6 +63,8 @@ def why_incomplete(path):
     if record is None:
         if os.path.exists(os.path.join(path, COMPLETE_FILE)):
             return f"its {COMPLETE_FILE} is damaged"
+        if os.path.exists(os.path.join(path, WRITING_FILE)):
+            return "interrupted while it was written"
         state = storage.read_json(os.path.join(path, TRAINER_STATE))
         if not isinstance(state, dict) or "global_step" not in state:
             return f"no {COMPLETE_FILE} and no whole {TRAINER_STATE} (interrupted while it was written)"
@@ -87,6 +101,16 @@ def latest_complete(output_dir, *, log=None):
         if log is not None:
             log(f"{path} is incomplete ({reason}): not resuming from it")
     return None
+
+
+def remove_all(output_dir, *, log=None):
+    """Every ``checkpoint-N`` of ``output_dir`` removed (``overwrite_output_dir``: an earlier run's would be
+    resumed from, and would outlive the new run's under ``save_total_limit``)."""
+    found = _checkpoints(output_dir)
+    if found and log is not None:
+        log(f"overwrite_output_dir: removing the {len(found)} checkpoint(s) of an earlier run in {output_dir}")
+    for _, path in found:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def remove_incomplete(output_dir, *, log=None):

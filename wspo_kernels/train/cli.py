@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import math
 import os
+import shutil
 
 import torch
 
@@ -70,10 +71,13 @@ def _load_model(name, dtype):
 
 def frozen_numerics(w, training):
     """{role: (weights dtype, autocast dtype or None)}: the reference in the policy's own weight dtype
-    (``_policy``), every frozen model under the autocast the Trainer runs the policy in.  Every model is
+    (``_policy``; under DeepSpeed the engine's: the compute dtype), every frozen model under the autocast
+    the Trainer runs the policy in (none under DeepSpeed).  Every model is
     loaded in the compute dtype first (``_load_frozen``), as the policy is: fp32 master weights hold
     the compute dtype's rounding of the checkpoint."""
     dtype = _dtype(training)
+    if training.deepspeed:  # the engine holds the policy in the compute dtype and runs it without autocast
+        return {role: (dtype, None) for role in ROLE_KEYS}
     autocast = None if dtype == torch.float32 else dtype
     policy_weights = torch.float32 if w.finetuning_type == "full" and not w.pure_bf16 else dtype
     return {role: (policy_weights if role == "ref" else dtype, autocast) for role in ROLE_KEYS}
@@ -245,6 +249,8 @@ def _precomputed_dataset(config, tokenizer, ds, cache):
         if cached is not None:
             _say(f"reusing the precomputed logps in {cache} (same models, numerics and rows; checksums verified)")
             return cached
+    if config.training.local_process_index != 0:  # the node's main process computed it, or failed
+        raise storage.StorageError(f"the main process left no complete logps cache in {cache} (its error says why)")
     device = "cpu" if config.training.use_cpu or not torch.cuda.is_available() else "cuda"
     with _whole_weights(config.training):
         models = {role: _load_frozen(name, config.training, numerics[role]).to(device) for role, name in sources.items()}
@@ -297,17 +303,48 @@ def resume_point(config):
     else, unless ``overwrite_output_dir``, the newest complete checkpoint in ``output_dir``."""
     args = config.training
     wanted = args.resume_from_checkpoint
-    if wanted not in (None, True):
+    if isinstance(wanted, str):
         return wanted
-    if wanted is None and config.overwrite_output_dir:
+    if wanted is False or (wanted is None and config.overwrite_output_dir):
         return None
-    found = checkpoints.latest_complete(args.output_dir, log=_say)
+    found = checkpoints.latest_complete(args.output_dir, log=_say) if args.process_index == 0 else None
+    if args.world_size > 1:  # rank 0 decides: on node-local storage the other ranks may not see the checkpoints
+        import torch.distributed as dist
+        args.device  # noqa: B018  (sets up the process group)
+        box = [found]
+        dist.broadcast_object_list(box, src=0)
+        found = box[0]
     if found is not None:
         _say(f"resuming from {found} (step {checkpoints.global_step(found)})"
              + ("" if wanted else "; overwrite_output_dir=true starts over instead"))
     elif wanted is True:
         _say(f"resume_from_checkpoint: no complete checkpoint in {args.output_dir} yet: starting from step 0")
     return found
+
+
+def _save_final(trainer, result):
+    """The model (or adapters) into a temporary directory, then each file renamed into ``output_dir``: a kill
+    or a full disk leaves the files of the last complete save, not a torn one (a rerun resumes from the
+    last checkpoint and saves again)."""
+    out = trainer.args.output_dir
+    tmp = os.path.join(out, ".final-model.tmp")
+    try:
+        with storage.writing(out, "the final model"):
+            if trainer.args.should_save:
+                shutil.rmtree(tmp, ignore_errors=True)
+            trainer.save_model(tmp)
+            if trainer.args.should_save:
+                for name in os.listdir(tmp):
+                    target = os.path.join(out, name)
+                    if os.path.isdir(target) and not os.path.islink(target):  # e.g. a DeepSpeed global_step dir
+                        shutil.rmtree(target)
+                    os.replace(os.path.join(tmp, name), target)
+            trainer.log_metrics("train", result.metrics)
+            trainer.save_metrics("train", result.metrics)
+            trainer.save_state()
+    finally:
+        if trainer.args.should_save:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def train_main(argv):
@@ -338,7 +375,8 @@ def train_main(argv):
                           data_collator=WSPODataCollator(tokenizer.pad_token_id, max_length=cutoff, pad_to_multiple_of=8),
                           stop_on_nonfinite=w.stop_on_nonfinite, **frozen)
     try:
-        result = trainer.train(resume_from_checkpoint=resume)
+        result = trainer.train(resume_from_checkpoint=resume, overwrite_checkpoints=config.overwrite_output_dir)
+        _save_final(trainer, result)
     except KeyboardInterrupt:
         last = checkpoints.latest_complete(args.output_dir)
         how = ("rerun with resume_from_checkpoint=true to resume from it" if config.overwrite_output_dir
@@ -346,11 +384,6 @@ def train_main(argv):
         raise Interrupted(f"interrupted at step {trainer.state.global_step}; "
                           + (f"last complete checkpoint {last}: {how}" if last else
                              "no checkpoint was saved yet: a rerun starts over")) from None
-    with storage.writing(args.output_dir, "the final model"):
-        trainer.save_model()
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
     if args.do_eval and eval_ds is not None:  # as the official workflow: a final evaluation
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)

@@ -236,7 +236,7 @@ def _check_ranges(w: WSPOArguments, t):
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    if t.resume_from_checkpoint not in (None, True):  # True: the newest complete one, if any (cli.resume_point)
+    if isinstance(t.resume_from_checkpoint, str):  # True: the newest complete one, if any (cli.resume_point)
         from .checkpoints import why_incomplete
         reason = why_incomplete(t.resume_from_checkpoint)
         if reason is not None:
@@ -349,7 +349,7 @@ def parse_config(argv, *, prog="wspo-kernels train") -> Config:
     except (ValueError, TypeError, ImportError) as e:  # TrainingArguments' own checks
         raise ConfigError(str(e)) from None
     if isinstance(t.resume_from_checkpoint, str) and t.resume_from_checkpoint.lower() in ("true", "false"):
-        t.resume_from_checkpoint = True if t.resume_from_checkpoint.lower() == "true" else None  # the latest
+        t.resume_from_checkpoint = t.resume_from_checkpoint.lower() == "true"  # True: the latest; False: start over
     _check_ranges(w, t)
     check_writable_dir("output_dir", t.output_dir)
     for key in ("model_name_or_path", "ref_model", "weak_aligned_model", "weak_base_model"):

@@ -72,17 +72,23 @@ def model_fingerprint(model) -> str:
 
 
 def column_checksums(dataset, columns) -> dict:
-    """{column: checksum} of list-valued columns: every row's length and every value (integers as int64),
-    whatever the arrow chunking, so a dataset and its copy on disk agree."""
+    """{column: checksum}, whatever the arrow chunking, so a dataset and its copy on disk agree.  Lists of
+    numbers (tokens, logps; integers as int64) hash their row lengths and values; any other column (an id,
+    a prompt kept beside the tokens) hashes its values as JSON."""
+    import pyarrow as pa
     table = dataset.with_format("arrow")[:]
     out = {}
     for name in columns:
+        kind = table.schema.field(name).type
         lengths, values = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
         for chunk in table.column(name).chunks:
-            lengths.update(np.ascontiguousarray(chunk.value_lengths().fill_null(-1).to_numpy(), np.int64).tobytes())
-            flat = chunk.flatten().to_numpy(zero_copy_only=False)
-            values.update(np.ascontiguousarray(flat, np.int64 if flat.dtype.kind in "iu" else None).tobytes())
-        out[name] = f"{str(table.schema.field(name).type)}:{lengths.hexdigest()}:{values.hexdigest()}"
+            if pa.types.is_list(kind) and (pa.types.is_integer(kind.value_type) or pa.types.is_floating(kind.value_type)):
+                lengths.update(np.ascontiguousarray(chunk.value_lengths().fill_null(-1).to_numpy(), np.int64).tobytes())
+                flat = chunk.flatten().to_numpy(zero_copy_only=False)
+                values.update(np.ascontiguousarray(flat, np.int64 if flat.dtype.kind in "iu" else None).tobytes())
+            elif len(chunk):
+                values.update(json.dumps(chunk.to_pylist(), default=str).encode()[1:-1] + b",")
+        out[name] = f"{kind}:{lengths.hexdigest()}:{values.hexdigest()}"
     return out
 
 

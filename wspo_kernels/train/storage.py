@@ -16,12 +16,16 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 
 SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 # Writers that lose the errno: torch.save's zip writer (a RuntimeError: "unexpected pos ..."), and
 # safetensors (SafetensorError: "... No space left on device (os error 28)").
 WRITE_FAILURES = ("inline_container", "PytorchStreamWriter", "file write failed", "os error 28", "os error 122",
-                  "No space left on device")
+                  "os error 27", "No space left on device")
+# flock unsupported (Lustre without -o flock, some NFS setups): warn and go on without the lock; the logps
+# cache still re-reads its fingerprint before committing.
+LOCK_UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 LOW_SPACE_BYTES = 64 << 20
 LOCK_FILE = ".lock"
 
@@ -46,7 +50,7 @@ def _free_bytes(path):
 
 def space_message(path, what, error=None):
     free = _free_bytes(path)
-    if isinstance(error, OSError) and error.errno == errno.EFBIG:
+    if (isinstance(error, OSError) and error.errno == errno.EFBIG) or "os error 27" in str(error):
         return f"file size limit reached on {path} while writing {what} (ulimit -f)"
     left = f" ({free >> 20} MiB free)" if free is not None else ""
     return f"no space left on {path} while writing {what}{left}"
@@ -65,22 +69,25 @@ def writing(path, what):
         if isinstance(e, StorageError) or not any(s in str(e) for s in WRITE_FAILURES):
             raise
         free = _free_bytes(path)
-        if free is not None and free < LOW_SPACE_BYTES:
-            raise StorageError(space_message(path, what)) from e
+        if "os error" in str(e) or (free is not None and free < LOW_SPACE_BYTES):
+            raise StorageError(space_message(path, what, e)) from e
         raise StorageError(f"cannot write {what} to {path}: {str(e).splitlines()[0]}") from e
 
 
 def write_json_atomically(path, value):
-    tmp = f"{path}.tmp{os.getpid()}"
+    folder = os.path.dirname(path) or "."
+    tmp = None
     try:
-        with writing(os.path.dirname(path) or ".", os.path.basename(path)):
-            with open(tmp, "w") as f:
+        with writing(folder, os.path.basename(path)):
+            # A unique name: processes on two nodes may share a pid and write the same record.
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
                 json.dump(value, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 
@@ -116,24 +123,42 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+class Locked(StorageError):
+    """Another process holds the lock and the caller asked not to wait."""
+
+
 @contextlib.contextmanager
-def directory_lock(directory, *, shared=False, log=None, what="this directory"):
+def directory_lock(directory, *, shared=False, wait=True, log=None, what="this directory"):
     """An advisory lock on ``directory`` for the block (created if needed).  When another process holds
-    it, ``log`` says which (pid and host, as it recorded them) and the call waits: a suspended run
-    (SIGSTOP) keeps its lock, and the kernel drops it when that run dies, however it dies."""
-    with writing(directory, what):
+    it, ``log`` says which (pid and host, as it recorded them) and the call waits (``wait=False``: raises
+    ``Locked``): a suspended run (SIGSTOP) keeps its lock, and the kernel drops it when that run dies,
+    however it dies.  Where the filesystem has no locks, or a reader cannot create the lock file (a
+    read-only cache), the block runs unlocked, with a warning."""
+    say = log or (lambda message: None)
+    try:
         os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if shared and os.path.isdir(directory):
+            say(f"{what}: cannot create its lock file ({e.strerror}); reading it unlocked")
+            yield
+            return
+        raise StorageError(f"cannot write {what}: {e.strerror or e}") from e
     mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     try:
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
-            if log is not None:
-                log(f"{what} is in use by {holder}; waiting for it to finish")
+            if not wait:
+                raise Locked(f"{what} is in use by {holder}") from None
+            say(f"{what} is in use by {holder}; waiting for it to finish")
             fcntl.flock(fd, mode)
+        except OSError as e:
+            if e.errno not in LOCK_UNSUPPORTED:
+                raise StorageError(f"cannot lock {what}: {e.strerror or e}") from e
+            say(f"{what}: this filesystem has no file locks ({e.strerror}); going on unlocked: do not start a second "
+                "run on it")
         if not shared:  # who holds it, for the message of a run that has to wait
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)

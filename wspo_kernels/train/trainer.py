@@ -86,7 +86,8 @@ class _Guard(TrainerCallback):
             raise _NothingToTrain()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._check_finite()
+        if self.trainer.stop_on_nonfinite and not self.trainer.is_deepspeed_enabled:
+            self.trainer._check_finite()
 
     if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # older transformers: before the step's save
         on_step_end = on_pre_optimizer_step
@@ -117,12 +118,12 @@ class WSPOTrainer(Trainer):
         for role, m in zip(ROLES, (ref_model, weak_aligned_model, weak_base_model)):
             if m is not None:
                 check_supported(m)
-                bad, first = nonfinite_weights(m)
+                m = m.to(self.args.device).eval().requires_grad_(False)
+                bad, first = nonfinite_weights(m)  # on the device: a pass over the weights, once
                 if bad:
                     name = getattr(m, "name_or_path", "") or type(m).__name__
-                    raise NonFiniteWeightsError(f"{role} ({name}) has {bad} non-finite weights (NaN / inf; the first in {first}): "
-                                     "its logps would be NaN")
-                m = m.to(self.args.device).eval().requires_grad_(False)
+                    raise NonFiniteWeightsError(f"{role} ({name}) has {bad} non-finite weights (NaN / inf; the first "
+                                                f"in {first}): its logps would be NaN")
             self.frozen_models[role] = m
         if disable_dropout:
             for m in (model, *self.frozen_models.values()):
@@ -135,6 +136,9 @@ class WSPOTrainer(Trainer):
         self._nonfinite_loss = None      # device flag: a non-finite loss in the current optimizer step
         self._last_inputs = None         # the last micro-batch, for the message when the check fails
         self._resuming = False
+        self._grad_norm = None           # the step's pre-clip gradient norm (a tensor), kept by _keep_grad_norm
+        if stop_on_nonfinite:
+            self._keep_grad_norm()
         self.add_callback(_Guard(self))
 
     # ------------------------------------------------------------------ normalisation
@@ -146,7 +150,9 @@ class WSPOTrainer(Trainer):
         self._num_sequences = n
         return batch_samples, num_items
 
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, overwrite_checkpoints=False, **kwargs):
+        """``Trainer.train``; ``resume_from_checkpoint=True`` takes the newest complete checkpoint;
+        ``overwrite_checkpoints=True`` (not resuming) removes the checkpoints already in ``output_dir``."""
         output_dir = self.args.output_dir
         if resume_from_checkpoint is True:  # the newest *complete* checkpoint, not the newest directory
             resume_from_checkpoint = checkpoints.latest_complete(output_dir, log=_say)
@@ -156,37 +162,45 @@ class WSPOTrainer(Trainer):
             reason = checkpoints.why_incomplete(resume_from_checkpoint)
             if reason is not None:
                 raise ValueError(f"{resume_from_checkpoint} is incomplete ({reason}): resume from another checkpoint")
-        if self.args.should_save:
-            checkpoints.remove_incomplete(output_dir, log=_say)
         self._resuming = bool(resume_from_checkpoint)
-        try:
-            return super().train(resume_from_checkpoint, *args, **kwargs)
-        except _NothingToTrain:
-            self.is_in_train = False
-            _say(f"{resume_from_checkpoint} is at step {self.state.global_step} of {self.state.max_steps}: nothing "
-                 "left to train")
-            return TrainOutput(self.state.global_step, 0.0, {"train_runtime": 0.0})
-        except BaseException:
-            for callback in self.callback_handler.callbacks:  # end the progress bar's line before any message
-                bar = getattr(callback, "training_bar", None)
-                if bar is not None:
-                    bar.close()
-                    callback.training_bar = None
-            raise
-        finally:
-            self._num_sequences = None  # a later compute_loss outside training normalises by its own batch
-            self._nonfinite_loss = self._last_inputs = None
-            self._resuming = False
+        with contextlib.ExitStack() as held:
+            if self.args.should_save:  # one training run per output_dir: their checkpoints share names
+                held.enter_context(storage.directory_lock(output_dir, wait=False, what=f"output_dir {output_dir}"))
+                if overwrite_checkpoints and not resume_from_checkpoint:
+                    checkpoints.remove_all(output_dir, log=_say)
+                checkpoints.remove_incomplete(output_dir, log=_say)
+            try:
+                return super().train(resume_from_checkpoint, *args, **kwargs)
+            except _NothingToTrain:
+                self.is_in_train = False
+                self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+                _say(f"{resume_from_checkpoint} is at step {self.state.global_step} of {self.state.max_steps}: "
+                     "nothing left to train")
+                return TrainOutput(self.state.global_step, 0.0, {"train_runtime": 0.0})
+            except BaseException:
+                for callback in self.callback_handler.callbacks:  # end the progress bar's line before a message
+                    bar = getattr(callback, "training_bar", None)
+                    if bar is not None:
+                        bar.close()
+                        callback.training_bar = None
+                raise
+            finally:
+                self._num_sequences = None  # a later compute_loss outside training normalises by its own batch
+                self._nonfinite_loss = self._last_inputs = self._grad_norm = None
+                self._resuming = False
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial, *args, **kwargs):
-        """The Trainer's checkpoint, written into a fresh directory and closed with a completion record;
-        older checkpoints are rotated out only after that (a kill in between leaves a complete one)."""
+        """The Trainer's checkpoint, written into a fresh directory marked as being written and closed with
+        a completion record once every rank has written its part; older checkpoints are rotated out only
+        after that (a kill in between leaves a complete one)."""
         run_dir = self._get_output_dir(trial=trial)
         path = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
         limit = self.args.save_total_limit
         if self.args.should_save:
             shutil.rmtree(path, ignore_errors=True)  # leftovers of an interrupted save at this step
+            with storage.writing(run_dir, os.path.basename(path)):
+                checkpoints.mark_writing(path)
         self.accelerator.wait_for_everyone()
         self.args.save_total_limit = None  # the Trainer's rotation: after the record
         try:
@@ -213,22 +227,36 @@ class WSPOTrainer(Trainer):
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
 
     # ------------------------------------------------------------------ non-finite steps
+    def _keep_grad_norm(self):
+        """The Trainer computes the step's pre-clip gradient norm with ``accelerator.clip_grad_norm_``
+        (transformers 5: always; 4: when clipping); keep it for ``_check_finite`` instead of a second pass."""
+        clip = self.accelerator.clip_grad_norm_
+
+        def clip_and_keep(*args, **kwargs):
+            norm = clip(*args, **kwargs)
+            self._grad_norm = norm if isinstance(norm, torch.Tensor) else None
+            return norm
+        self.accelerator.clip_grad_norm_ = clip_and_keep
+
     def _check_finite(self):
-        """Before the optimizer step: stop on a non-finite loss in the step or a non-finite gradient norm."""
-        if not self.stop_on_nonfinite:
-            return
+        """Stop on a non-finite loss in the step or a non-finite gradient norm: before the optimizer step
+        (under DeepSpeed, whose engine steps inside the backward, before each backward: losses only)."""
         flags = torch.zeros(2, device=self.args.device)
         if self._nonfinite_loss is not None:
             flags[0] = self._nonfinite_loss.float()
         # Under fp16 the grad scaler skips steps with inf gradients itself; DeepSpeed keeps its own gradients.
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads and getattr(self.accelerator, "scaler", None) is None and not self.is_deepspeed_enabled:
-            grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-            norms = torch._foreach_norm([g.detach().float() for g in grads])
-            flags[1] = (~torch.isfinite(torch.stack(norms).sum())).float().to(flags.device)
+        if getattr(self.accelerator, "scaler", None) is None and not self.is_deepspeed_enabled:
+            if self._grad_norm is not None:  # pre-clip, summed over the ranks by the Trainer
+                flags[1] = (~torch.isfinite(self._grad_norm.detach())).float().to(flags.device)
+            else:  # no clipping in this transformers: one pass over the local gradients
+                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+                grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+                if grads:
+                    norms = torch._foreach_norm([g.detach().float() for g in grads])
+                    flags[1] = (~torch.isfinite(torch.stack(norms).sum())).float().to(flags.device)
         if self.args.world_size > 1:
             flags = self.accelerator.reduce(flags, reduction="sum")
-        self._nonfinite_loss = None
+        self._nonfinite_loss = self._grad_norm = None
         loss_bad, grad_bad = (bool(v > 0) for v in flags.tolist())  # one read per optimizer step
         if loss_bad or grad_bad:
             raise NonFiniteError(self._nonfinite_message(loss_bad, grad_bad))
@@ -271,6 +299,8 @@ class WSPOTrainer(Trainer):
                     bad = ~torch.isfinite(loss.detach())
                     self._nonfinite_loss = bad if self._nonfinite_loss is None else self._nonfinite_loss | bad
                     self._last_inputs = inputs
+                    if self.is_deepspeed_enabled:  # its engine steps inside the backward: check before it
+                        self._check_finite()
                 if self._num_sequences is None:  # no step-wide count (older Trainer): per-micro-batch means
                     loss = loss / self.args.gradient_accumulation_steps
                 # The loss is already normalised for the whole step: DeepSpeed must not divide it by the
