@@ -429,6 +429,36 @@ def test_kill_or_ctrl_c_during_a_checkpoint_then_rerun(tmp_path):
     assert_same_weights(saved_weights(str(tmp_path / "int")), saved_weights(str(tmp_path / "clean")))
 
 
+@pytest.mark.slow
+def test_two_ranks_resume_together_and_stop_together(tmp_path):
+    """torchrun, 2 gloo ranks: rank 0 decides where to resume and both resume there (a rerun at max_steps
+    trains nothing on either); a NaN policy stops both ranks at the same step, each with the one line (the
+    non-finite flag is summed over the ranks: no rank is left waiting in a collective)."""
+    paths, data = save_tiny_checkpoints(tmp_path)
+    ref = str(tmp_path / "ref")
+    tiny(0).save_pretrained(ref)
+    config = _train_config(tmp_path, paths, data, tmp_path / "out", "max_steps: 4", "ddp_backend: gloo")
+
+    def torchrun(*args):
+        from train_fixtures import free_port
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", str(free_port()), "-m", "wspo_kernels", "train", config, *args],
+                              capture_output=True, text=True, timeout=600)
+    first = torchrun()
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = torchrun()
+    assert again.returncode == 0 and again.stdout.count("is at step 4 of 4: nothing left to train") == 2, again.stdout
+    model = transformers.AutoModelForCausalLM.from_pretrained(paths["policy"])
+    with torch.no_grad():
+        model.model.norm.weight[2] = float("nan")
+    model.save_pretrained(str(tmp_path / "nan_policy"))
+    transformers.AutoTokenizer.from_pretrained(paths["policy"]).save_pretrained(str(tmp_path / "nan_policy"))
+    nan = torchrun(f"model_name_or_path={tmp_path / 'nan_policy'}", f"ref_model={ref}", f"output_dir={tmp_path / 'nan'}")
+    errors = re.findall(r"wspo-kernels train: error: [^\n]*", nan.stdout + nan.stderr)
+    assert nan.returncode != 0 and len(errors) == 2 and all("in step 1; training stopped" in e for e in errors), \
+        nan.stderr[-3000:]
+
+
 def test_incomplete_checkpoints_are_never_taken(tmp_path, ckpt, capsys):
     paths, data = ckpt
     out = tmp_path / "out"

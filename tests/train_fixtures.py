@@ -67,3 +67,10 @@ def write_config(path, paths, data, out, *extra):
 
 def words(n, start=0):
     return " ".join(f"w{(start + i) % (VOCAB - 4)}" for i in range(n))
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
