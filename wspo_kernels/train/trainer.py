@@ -19,14 +19,19 @@
   definitions (per micro-batch means over the padded ``[B, T-1]`` grid, averaged over the logging
   window), ``rewards/chosen`` = γ·logp and ``logps/chosen``.  Every metric is summed over the
   data-parallel ranks before it is logged.
-- A job may die at any instant: every checkpoint is closed with a completion record after its files are
-  on disk (``checkpoints``), a save that fails or is interrupted leaves no directory behind, and
-  ``resume_from_checkpoint=True`` takes the newest *complete* checkpoint.  Resuming from a checkpoint
-  already at the last step trains nothing (the plain Trainer runs one more step).
-- Non-finite training stops (``stop_on_nonfinite=True``): before each optimizer step the step's losses
-  and gradient norm are checked (one flag, summed over the ranks, read once per optimizer step), and a
-  NaN / inf raises ``NonFiniteError`` before the weights change, so nothing non-finite is saved.
-  Resident frozen models are checked for non-finite weights when the trainer is built.
+- A job may die at any instant: every checkpoint is opened with a marker and closed, once every rank has
+  written and its files are on disk, with a completion record (``checkpoints``); a save that fails or is
+  interrupted leaves no directory behind; ``resume_from_checkpoint=True`` takes the newest *complete*
+  checkpoint; one training run per ``output_dir`` (a lock, held by the saving rank).  Resuming from a
+  checkpoint already at the last step trains nothing (the plain Trainer runs one more step).
+- Non-finite training stops (``stop_on_nonfinite=True``): before each optimizer step, the step's losses
+  (a device flag per micro-batch) and the Trainer's own pre-clip gradient norm are checked -- one small
+  all-reduce and one host read per optimizer step -- and a NaN / inf raises ``NonFiniteError`` before the
+  weights change, so nothing non-finite is saved.  Under DeepSpeed, whose engine steps inside the
+  backward, each micro-batch's loss is checked before its backward (its gradients are DeepSpeed's to
+  check); under fp16 the grad scaler's own skipping stands.  On transformers without the
+  ``on_pre_optimizer_step`` hook the check runs at the step's end: after the weights changed, before
+  anything is saved.  Resident frozen models are checked for non-finite weights when the trainer is built.
 """
 import contextlib
 import os
