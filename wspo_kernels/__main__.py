@@ -5,6 +5,7 @@
     wspo-kernels bench --quick   # peers vs every backend, JSON + table + plots (wspo_kernels.bench.runner)
     wspo-kernels demo [--quick]  # the end-to-end WSPO pipeline on tiny models (wspo_kernels.train.demo)
     wspo-kernels precompute|train CONFIG.yaml [key=value ...]   (wspo_kernels.train.cli; --help lists the keys)
+    wspo-kernels eval CONFIG.yaml eval_dataset=pairs.jsonl      (wspo_kernels.train.evaluate: did the transfer work)
 """
 import argparse
 import statistics
@@ -107,7 +108,11 @@ def _train_command(command, argv):
         print(cli.format_help(prog))
         return 0
     try:
-        (cli.train_main if command == "train" else cli.precompute_main)(argv)
+        if command == "eval":
+            from wspo_kernels.train import evaluate
+            evaluate.main(argv)
+        else:
+            (cli.train_main if command == "train" else cli.precompute_main)(argv)
     except (cli.ConfigError, FileNotFoundError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -131,7 +136,7 @@ def main(argv=None):
     if argv[:1] == ["demo"]:
         from wspo_kernels.train.demo import main as demo_main
         return demo_main(argv[1:])
-    if argv[:1] in (["train"], ["precompute"]):
+    if argv[:1] in (["train"], ["precompute"], ["eval"]):
         return _train_command(argv[0], argv[1:])
     parser = argparse.ArgumentParser(prog="wspo-kernels", description="wspo-kernels command line")
     sub = parser.add_subparsers(dest="command")
@@ -148,6 +153,8 @@ def main(argv=None):
     sub.add_parser("precompute", help="run the frozen models once: wspo-kernels precompute CONFIG.yaml [key=value ...]")
     sub.add_parser("train", help="WSPO training from the official recipe's YAML: wspo-kernels train CONFIG.yaml "
                                  "[key=value ...] (wspo-kernels train --help lists every key)")
+    sub.add_parser("eval", help="did the transfer work: margins, win rates and implicit rewards of the four models on "
+                                "held-out pairs: wspo-kernels eval CONFIG.yaml eval_dataset=pairs.jsonl")
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["check"] + argv)

@@ -229,7 +229,7 @@ def _model_ids(sources, numerics, cache):
 def precomputed_dataset(config, tokenizer, ds):
     """``ds`` with the frozen models' logps columns: from the cache when it matches, else computed (by the
     main process of a multi-process launch; the others then find the cache complete)."""
-    cache = os.path.join(config.training.output_dir, "precomputed")
+    cache = config.wspo.precompute_dir or os.path.join(config.training.output_dir, "precomputed")
     try:
         with config.training.main_process_first(desc="precompute logps"):
             return _precomputed_dataset(config, tokenizer, ds, cache)
@@ -239,7 +239,7 @@ def precomputed_dataset(config, tokenizer, ds):
 
 
 def _precomputed_dataset(config, tokenizer, ds, cache):
-    from .precompute import load_cached_logps, precompute_logps
+    from .precompute import cached_roles, load_cached_logps, precompute_logps
     w = config.wspo
     numerics = frozen_numerics(w, config.training)
     sources = _sources(w)
@@ -252,13 +252,16 @@ def _precomputed_dataset(config, tokenizer, ds, cache):
     if config.training.local_process_index != 0:  # the node's main process computed it, or failed
         raise storage.StorageError(f"the main process left no complete logps cache in {cache} (its error says why)")
     device = "cpu" if config.training.use_cpu or not torch.cuda.is_available() else "cuda"
+    # A sweep that changed one model (another weak-aligned checkpoint) loads and runs only that one.
+    held = cached_roles(ds, cache, model_ids=ids, log=_say) if all(ids.values()) else set()
     with _whole_weights(config.training):
-        models = {role: _load_frozen(name, config.training, numerics[role]).to(device) for role, name in sources.items()}
+        models = {role: _load_frozen(name, config.training, numerics[role]).to(device)
+                  for role, name in sources.items() if role not in held}
     if not all(ids.values()):  # downloaded just now
         ids = _model_ids(sources, numerics, cache)
     autocast = {a for _, a in numerics.values()}.pop()  # one autocast for every frozen model
-    out = precompute_logps(ds, ref_model=models["ref"], weak_aligned_model=models["weak_aligned"],
-                           weak_base_model=models["weak_base"], batch_size=w.precompute_batch_size, output_dir=cache,
+    out = precompute_logps(ds, ref_model=models.get("ref"), weak_aligned_model=models.get("weak_aligned"),
+                           weak_base_model=models.get("weak_base"), batch_size=w.precompute_batch_size, output_dir=cache,
                            pad_token_id=tokenizer.pad_token_id, model_ids=ids if all(ids.values()) else None,
                            model_names=sources, autocast_dtype=autocast, backend=w.backend, log=_say)
     _say(f"precomputed logps for {len(out)} examples -> {cache}")
@@ -322,7 +325,10 @@ def resume_point(config):
     return found
 
 
-def _save_final(trainer, result):
+RUN_RECORD = "wspo_run.json"  # in output_dir: what `wspo-kernels eval` needs to know of a finished run
+
+
+def _save_final(trainer, result, w):
     """The model (or adapters) into a temporary directory, then each file renamed into ``output_dir``: a kill
     or a full disk leaves the files of the last complete save, not a torn one (a rerun resumes from the
     last checkpoint and saves again)."""
@@ -342,6 +348,11 @@ def _save_final(trainer, result):
             trainer.log_metrics("train", result.metrics)
             trainer.save_metrics("train", result.metrics)
             trainer.save_state()
+        if trainer.args.should_save:
+            storage.write_json_atomically(os.path.join(out, RUN_RECORD), {
+                "pref_beta": w.pref_beta, "finetuning_type": w.finetuning_type,
+                "model_name_or_path": _local(w.model_name_or_path), **{k: _local(v) if v else None for k, v in (
+                    (key, getattr(w, key)) for key in ROLE_KEYS.values())}, "global_step": trainer.state.global_step})
     finally:
         if trainer.args.should_save:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -376,7 +387,7 @@ def train_main(argv):
                           stop_on_nonfinite=w.stop_on_nonfinite, **frozen)
     try:
         result = trainer.train(resume_from_checkpoint=resume, overwrite_checkpoints=config.overwrite_output_dir)
-        _save_final(trainer, result)
+        _save_final(trainer, result, w)
     except KeyboardInterrupt:
         last = checkpoints.latest_complete(args.output_dir)
         how = ("rerun with resume_from_checkpoint=true to resume from it" if config.overwrite_output_dir

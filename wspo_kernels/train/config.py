@@ -60,6 +60,15 @@ class WSPOArguments:
     backend: Optional[str] = _key(None, "loss backend (auto, torch, native, triton)")
     stop_on_nonfinite: bool = _key(True, "stop training, before the optimizer step and saving nothing, when a step's "
                                          "loss or gradient norm is NaN / inf")
+    precompute_dir: Optional[str] = _key(None, "the logps cache's directory (default: output_dir/precomputed); runs of "
+                                               "a gamma sweep can share one")
+    eval_dataset: Optional[str] = _key(None, "wspo-kernels eval: held-out preference pairs (prompt, chosen, rejected), "
+                                             "in any format train reads")
+    eval_checkpoints: Optional[str] = _key(None, "wspo-kernels eval: 'all' (every complete checkpoint-* of output_dir) or "
+                                                 "comma-separated checkpoint directories, scored beside the final model")
+    eval_runs: Optional[str] = _key(None, "wspo-kernels eval: comma-separated output_dirs of other runs (a gamma or "
+                                          "weak-model sweep) whose policies are scored beside this one")
+    eval_batch_tokens: int = _key(16384, "wspo-kernels eval: padded tokens per forward (rows are batched by length)")
 
 
 ALIASES = {"policy": "model_name_or_path", "ref": "ref_model", "weak_aligned": "weak_aligned_model",
@@ -73,6 +82,7 @@ OVERWRITE = "overwrite_output_dir"
 # warmup_ratio: a TrainingArguments field before transformers 5, a float warmup_steps < 1 since.
 WARMUP_RATIO = 0.1
 REQUIRED = ("model_name_or_path", "weak_aligned_model", "weak_base_model", "dataset", "output_dir")
+EVAL_REQUIRED = ("model_name_or_path", "weak_aligned_model", "weak_base_model", "eval_dataset", "output_dir")
 # The official recipe's values (examples/train_full/qwen2_full_wspo_ds3.yaml) for TrainingArguments.
 RECIPE_DEFAULTS = dict(per_device_train_batch_size=1, gradient_accumulation_steps=4, learning_rate=1e-5,
                        num_train_epochs=1.0, lr_scheduler_type="cosine", bf16=True, logging_steps=10, save_steps=1000,
@@ -225,6 +235,7 @@ def _check_ranges(w: WSPOArguments, t):
         (w.lora_alpha is None or w.lora_alpha > 0, "lora_alpha must be > 0"),
         (0 <= w.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
         (w.precompute_batch_size >= 1, "precompute_batch_size must be >= 1"),
+        (w.eval_batch_tokens >= 1, "eval_batch_tokens must be >= 1"),
         (t.learning_rate > 0, "learning_rate must be > 0"),
         (t.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1"),
         (t.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
@@ -305,7 +316,7 @@ def check_model_source(key: str, name: str) -> None:
                           f"({type(e).__name__})") from None
 
 
-def parse_config(argv, *, prog="wspo-kernels train") -> Config:
+def parse_config(argv, *, prog="wspo-kernels train", required=REQUIRED) -> Config:
     """``[CONFIG.yaml] [overrides...]`` -> a validated ``Config``; raises ``ConfigError``."""
     argv = list(argv)
     is_file = argv and not argv[0].startswith("-") and (os.path.isfile(argv[0]) or "=" not in argv[0])
@@ -319,7 +330,7 @@ def parse_config(argv, *, prog="wspo-kernels train") -> Config:
         if _truthy(from_line.get(a)):
             from_file.pop(b, None)
     given = {**from_file, **from_line}
-    missing = [k for k in REQUIRED if given.get(k) in (None, "")]
+    missing = [k for k in required if given.get(k) in (None, "")]
     if missing:
         raise ConfigError(f"missing {', '.join(missing)} (in the YAML or as key=value)")
     values = dict(given)
@@ -355,10 +366,12 @@ def parse_config(argv, *, prog="wspo-kernels train") -> Config:
     for key in ("model_name_or_path", "ref_model", "weak_aligned_model", "weak_base_model"):
         if getattr(w, key):
             check_model_source(key, getattr(w, key))
-    if not os.path.exists(w.dataset):
-        raise ConfigError(f"dataset: {w.dataset!r} is not a local file or directory (a JSON / JSONL file or a "
-                          "datasets directory; the official recipe's dataset names refer to LLaMA-Factory's "
-                          "dataset_info.json: pass the file instead)")
+    for key in ("dataset", "eval_dataset"):
+        path = getattr(w, key)
+        if path and not os.path.exists(path):
+            raise ConfigError(f"{key}: {path!r} is not a local file or directory (a JSON / JSONL file or a "
+                              "datasets directory; the official recipe's dataset names refer to LLaMA-Factory's "
+                              "dataset_info.json: pass the file instead)")
     return Config(w, t, overwrite_output_dir=overwrite)
 
 

@@ -196,6 +196,10 @@ def _complete_cache(dataset, output_dir, wanted, log):
     return _with_logps(dataset, cached)
 
 
+def columns_of(roles):
+    return [LOGPS_COLUMNS[r] for r in roles]
+
+
 def _counted(labels):
     """Positions of ``labels[:, 1:]`` that carry a response token (the causal shift)."""
     return labels[:, 1:] != IGNORE_INDEX
@@ -226,60 +230,99 @@ def _shard_logps(models, rows, collate, device, backend, autocast_dtype=None, na
 def precompute_logps(dataset, *, ref_model=None, weak_aligned_model=None, weak_base_model=None, batch_size=8,
                      shard_size=256, output_dir=None, resume=True, pad_token_id=0, backend=None, device=None,
                      progress=True, model_ids=None, model_names=None, autocast_dtype=None, log=_say):
-    """``dataset`` (input_ids, labels) plus one logps column per given model; saved under ``output_dir``.
+    """``dataset`` (input_ids, labels) plus one logps column per model; saved under ``output_dir``.
 
     ``model_ids`` ({role: str}, roles as in ``LOGPS_COLUMNS``) names the models in the cache's
-    fingerprint; by default ``model_fingerprint`` of each (and ``autocast_dtype``).  ``model_names``
-    ({role: str}) names them in messages.  Rows without a response token get zero logps.
+    fingerprint; by default ``model_fingerprint`` of each (and ``autocast_dtype``).  A role whose model
+    is unchanged since the cache in ``output_dir`` was made (same id, same rows) is taken from it, and
+    only the others are run: ``model_ids`` may name a role whose model is not given when the cache holds
+    it (``cached_roles``; a sweep over weak-aligned checkpoints reruns only that model).
+    ``model_names`` ({role: str}) names the models in messages.  Rows without a response token get
+    zero logps.
     """
     models = {role: m for role, m in zip(LOGPS_COLUMNS, (ref_model, weak_aligned_model, weak_base_model))
               if m is not None}
-    if not models:
+    if not models and not model_ids:
         raise ValueError("precompute_logps needs at least one of ref_model, weak_aligned_model, weak_base_model")
-    device = torch.device(device) if device is not None else next(iter(models.values())).device
     for m in models.values():
         m.eval()
-    run = dict(models=models, dataset=dataset, batch_size=batch_size, shard_size=shard_size, pad_token_id=pad_token_id,
+    device = torch.device(device) if device is not None else next(iter(models.values())).device if models else None
+    run = dict(dataset=dataset, batch_size=batch_size, shard_size=shard_size, pad_token_id=pad_token_id,
                backend=backend, device=device, progress=progress, names=model_names, autocast_dtype=autocast_dtype,
                log=log)
     if not output_dir:
-        return _precompute(**run, output_dir=None, wanted=None)
+        return _precompute(models=models, **run, output_dir=None, wanted=None, reused=None)
     if model_ids is None:
         model_ids = {role: model_fingerprint(m) + (f":autocast {autocast_dtype}" if autocast_dtype else "")
                      for role, m in models.items()}
-    elif set(model_ids) != set(models):
+    elif not set(models) <= set(model_ids):
         raise ValueError(f"model_ids names {sorted(model_ids)}, the models given are {sorted(models)}")
     wanted = cache_fingerprint(dataset, model_ids, shard_size)  # hashes every row: once
     with storage.directory_lock(output_dir, log=log, what=f"the logps cache {output_dir}"):
         done = _complete_cache(dataset, output_dir, wanted, log) if resume else None
         if done is not None:
             return done
+        reused = _reusable(output_dir, wanted, log) if resume else None
+        missing = [r for r in model_ids if r not in models and (reused is None or LOGPS_COLUMNS[r] not in
+                                                                  reused.column_names)]
+        if missing:
+            raise ValueError(f"no model given for {', '.join(missing)} and the cache in {output_dir} does not hold "
+                             "its logps for these rows")
         if not (resume and _cache_matches(output_dir, wanted, log)):
             shutil.rmtree(os.path.join(output_dir, "shards"), ignore_errors=True)
-            shutil.rmtree(os.path.join(output_dir, "dataset"), ignore_errors=True)
+            if reused is None:  # else it stays until the new cache replaces it (a kill keeps it reusable)
+                shutil.rmtree(os.path.join(output_dir, "dataset"), ignore_errors=True)
             # the shards that follow belong to it
             storage.write_json_atomically(os.path.join(output_dir, FINGERPRINT_FILE), wanted)
-        return _precompute(**run, output_dir=output_dir, wanted=wanted)
+        to_run = {r: m for r, m in models.items() if reused is None or LOGPS_COLUMNS[r] not in reused.column_names}
+        return _precompute(models=to_run, **run, output_dir=output_dir, wanted=wanted, reused=reused)
+
+
+def _reusable(output_dir, wanted, log):
+    """The logps columns of the complete cache in ``output_dir`` whose models are ``wanted``'s, when it
+    was made for the same rows (its checksums verified); None when there is none."""
+    path = os.path.join(output_dir, "dataset")
+    record = storage.read_json(os.path.join(path, CHECKSUM_FILE))
+    old = record.get("fingerprint") if isinstance(record, dict) else None
+    if not isinstance(old, dict) or any(old.get(k) != wanted[k] for k in ("format", "dataset", "rows")):
+        return None
+    same = [r for r, fp in wanted["models"].items() if old.get("models", {}).get(r) == fp]
+    found = _verified(path, old, wanted["rows"], log, "the logps cache") if same else None
+    if found is None or dataset_fingerprint(checksums=found[1]) != wanted["dataset"]:
+        return None
+    log(f"reusing the {', '.join(same)} logps of the cache in {output_dir} (same models and rows)")
+    return found[0].select_columns([LOGPS_COLUMNS[r] for r in same])
+
+
+def cached_roles(dataset, output_dir, *, model_ids, shard_size=256, log=_say):
+    """The roles whose logps the cache in ``output_dir`` already holds for these rows and models: their
+    models need not be loaded (``precompute_logps`` takes them from the cache)."""
+    wanted = cache_fingerprint(dataset, model_ids, shard_size)
+    with storage.directory_lock(output_dir, shared=True, log=log, what=f"the logps cache {output_dir}"):
+        if _complete_cache(dataset, output_dir, wanted, lambda *_: None) is not None:
+            return set(model_ids)
+        reused = _reusable(output_dir, wanted, lambda *_: None)
+    return {r for r in model_ids if reused is not None and LOGPS_COLUMNS[r] in reused.column_names}
 
 
 def _precompute(*, models, dataset, batch_size, shard_size, pad_token_id, backend, device, progress, names,
-                autocast_dtype, log, output_dir, wanted):
+                autocast_dtype, log, output_dir, wanted, reused):
     from datasets import Dataset, Features, Sequence, Value, concatenate_datasets
     from tqdm.auto import tqdm
 
     shard_dir = os.path.join(output_dir, "shards") if output_dir else None
     collate = WSPODataCollator(pad_token_id)
     shards = []
-    n_shards = (len(dataset) + shard_size - 1) // shard_size
+    n_shards = (len(dataset) + shard_size - 1) // shard_size if models else 0  # none: every column reused
     bar = tqdm(total=len(dataset), desc="precompute logps", disable=not progress)
     try:  # the bar ends its line whatever stops the loop, so an error message starts on its own
         for s in range(n_shards):
             lo, hi = s * shard_size, min(len(dataset), (s + 1) * shard_size)
             path = os.path.join(shard_dir, f"{s:05d}") if shard_dir else None
             found = _verified(path, wanted, hi - lo, log, f"shard {s}") if path else None
-            shard = found[0] if found else None
+            shard = found[0] if found and set(columns_of(models)) <= set(found[0].column_names) else None
             if shard is None:
-                columns = {c: [] for c in (LOGPS_COLUMNS[r] for r in models)}
+                columns = {c: [] for c in columns_of(models)}
                 for b in range(lo, hi, batch_size):
                     rows = [dataset[i] for i in range(b, min(hi, b + batch_size))]
                     for c, values in _shard_logps(models, rows, collate, device, backend, autocast_dtype, names,
@@ -292,7 +335,9 @@ def _precompute(*, models, dataset, batch_size, shard_size, pad_token_id, backen
             bar.update(hi - lo)
     finally:
         bar.close()
-    logps = concatenate_datasets(shards) if shards else Dataset.from_dict({LOGPS_COLUMNS[r]: [] for r in models})
+    logps = concatenate_datasets(shards) if shards else Dataset.from_dict({c: [] for c in columns_of(models)})
+    if reused is not None:
+        logps = concatenate_datasets([logps.select_columns(columns_of(models)), reused], axis=1) if models else reused
     result = _with_logps(dataset, logps)
     if output_dir:
         # Commit: the record inside the dataset carries the fingerprint, so data and fingerprint land in one
