@@ -1,4 +1,5 @@
 """WSPOTrainer, precompute and the demo on tiny random Llama models, against the official formulation."""
+import json
 import math
 import os
 import shutil
@@ -256,6 +257,19 @@ def test_demo_runs_end_to_end(tmp_path):
     names = [r[0] for r in result["rows"]]
     assert names == ["weak base", "weak aligned", "strong base", "strong after WSPO"]
     assert all(math.isfinite(m) for _, m, _ in result["rows"])
+    report = result["report"]  # the table is wspo-kernels eval's: one policy per gamma of the sweep
+    assert [t["gamma"] for t in report["transfer"].values()] == [0.25, 1.0]
+    assert result["rows"][1][1] == report["models"]["weak aligned"]["margin"]
+    from wspo_kernels.__main__ import main as wspo_main  # and the CLI on the models the demo saved: the same report
+    assert wspo_main(["eval", result["eval_config"]]) == 0
+    with open(tmp_path / "demo" / "wspo-gamma-0.25" / "wspo_eval.json") as f:
+        cli_report = json.load(f)
+    for demo_name, cli_name in (("weak base", "weak base"), ("weak aligned", "weak aligned"),
+                                ("strong base", "strong reference"), ("strong after WSPO (gamma 0.25)", "policy"),
+                                ("strong after WSPO (gamma 1)", "policy wspo-gamma-1")):
+        assert math.isclose(report["models"][demo_name]["margin"], cli_report["models"][cli_name]["margin"],
+                            abs_tol=1e-4), demo_name
+    assert cli_report["transfer"]["policy wspo-gamma-1"]["gamma"] == 1.0
     assert os.path.exists(tmp_path / "demo" / "wspo_loss.png")
     assert result["losses"][-1][1] < result["losses"][0][1]
 

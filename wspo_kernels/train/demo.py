@@ -7,10 +7,12 @@ is a permutation of them; the *preferred* response is the sorted one.
    responses: both learn the task's format (a permutation of the prompt), neither prefers the order;
 2. align the weak model by preferred-response fine-tuning (SFT on sorted responses only);
 3. precompute the frozen models' per-token logps (strong reference, weak aligned, weak base) once;
-4. train the strong model with WSPO (``WSPOTrainer``, fused linear loss, no frozen model resident);
-5. report, on held-out prompts, each model's preference margin log p(sorted) - log p(shuffled) and its
-   win rate (margin > 0), plus the loss curve (PNG) and the peak memory of a training step with the
-   frozen models resident vs precomputed.
+4. train the strong model with WSPO (``WSPOTrainer``, fused linear loss, no frozen model resident), for a
+   small sweep of gamma from that one precompute;
+5. report, on held-out prompts, with ``wspo-kernels eval``'s own code (``train.evaluate``): each model's
+   preference margin log p(sorted) - log p(shuffled), its win rate (margin > 0), the implicit rewards and
+   the transfer's amplification per gamma; plus the loss curve (PNG) and the peak memory of a training
+   step with the frozen models resident vs precomputed.
 
 Nothing is downloaded; ``--quick`` is the reduced setting CI runs.
 """
@@ -71,20 +73,6 @@ def _sft(model, rows, steps, lr, desc, batch_size=32, seed=0):
     return model.eval()
 
 
-@torch.no_grad()
-def _margins(model, pairs_sorted, pairs_shuffled):
-    """log p(response | prompt) of the sorted minus the shuffled response, per held-out prompt."""
-    from .. import token_logprobs
-    from .data import WSPODataCollator
-    collate = WSPODataCollator(SPECIAL["pad"])
-    out = []
-    for pairs in (pairs_sorted, pairs_shuffled):
-        batch = collate(_rows(pairs))
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out.append(token_logprobs(logits, batch["labels"], shift=True).sum(-1))
-    return out[0] - out[1]
-
-
 def _peak_step_mib(step):
     """Peak resident memory (MiB) of one call above the resident set before it (Linux; else nan)."""
     base = start_window()
@@ -118,40 +106,95 @@ def run(*, quick=False, gamma=0.25, out_dir="wspo_demo", seed=0, log=print):
     weak_aligned = _sft(copy.deepcopy(weak_base), aligned_rows, n_align, 1e-3, "align weak (SFT on preferred)")
 
     os.makedirs(out_dir, exist_ok=True)
+    # One precompute serves every gamma of the sweep: the cached logps do not depend on it.
     data = precompute_logps(Dataset.from_list(wspo_rows), ref_model=strong_base, weak_aligned_model=weak_aligned,
                             weak_base_model=weak_base, batch_size=64, output_dir=os.path.join(out_dir, "precomputed"),
                             resume=False, pad_token_id=SPECIAL["pad"])
-    policy = copy.deepcopy(strong_base)
-    args = TrainingArguments(output_dir=os.path.join(out_dir, "wspo"), per_device_train_batch_size=32,
-                             gradient_accumulation_steps=1, max_steps=n_wspo, learning_rate=1e-3, logging_steps=5,
-                             save_strategy="no", report_to=[], use_cpu=True, seed=seed, disable_tqdm=False,
-                             lr_scheduler_type="constant")
-    trainer = WSPOTrainer(policy, args, train_dataset=data, gamma=gamma)
-    trainer.train()
-    policy.eval()
+    policies, trainer = {}, None
+    for g in (gamma,) + tuple(x for x in SWEEP[quick] if x != gamma):
+        policy = copy.deepcopy(strong_base)
+        args = TrainingArguments(output_dir=os.path.join(out_dir, f"wspo-gamma-{g:g}"), per_device_train_batch_size=32,
+                                 gradient_accumulation_steps=1, max_steps=n_wspo, learning_rate=1e-3, logging_steps=5,
+                                 save_strategy="no", report_to=[], use_cpu=True, seed=seed, disable_tqdm=False,
+                                 lr_scheduler_type="constant")
+        run = WSPOTrainer(policy, args, train_dataset=data, gamma=g)
+        run.train()
+        policies[g] = policy.eval()
+        trainer = trainer or run  # the loss curve is the main gamma's
 
     mem_resident, mem_pre = (_probe(mode, quick) for mode in ("resident", "precomputed"))
 
-    rows = []
-    for name, model in (("weak base", weak_base), ("weak aligned", weak_aligned), ("strong base", strong_base),
-                        ("strong after WSPO", policy)):
-        m = _margins(model, held, held_shuffled)
-        rows.append((name, m.mean().item(), (m > 0).float().mean().item()))
-    table = ["| model | preference margin (nats) | win rate |", "|---|---|---|"]
-    table += [f"| {n} | {m:+.3f} | {w:.1%} |" for n, m, w in rows]
+    # The held-out report is wspo-kernels eval's own code (train.evaluate), on the models in memory.
+    from .evaluate import format_table, score_pairs, summarize
+    pairs = [{"chosen": c, "rejected": r} for c, r in zip(_rows(held), _rows(held_shuffled))]
+    names = {f"strong after WSPO (gamma {g:g})": m for g, m in policies.items()}
+    scores = {name: score_pairs(model, pairs, pad_token_id=SPECIAL["pad"]) for name, model in (
+        ("weak base", weak_base), ("weak aligned", weak_aligned), ("strong base", strong_base), *names.items())}
+    report = summarize(scores, policies=list(names), reference="strong base",
+                       gammas={n: g for n, g in zip(names, policies)})
+    eval_config = _save_for_eval(out_dir, weak_base, weak_aligned, strong_base, policies, held, held_shuffled, gamma)
+    main_policy = next(iter(names))
+    rows = [(n if n != main_policy else "strong after WSPO", m["margin"], m["win"]["rate"])
+            for n, m in report["models"].items() if n in ("weak base", "weak aligned", "strong base", main_policy)]
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     png = plot_losses(losses, os.path.join(out_dir, "wspo_loss.png"))
-    log("\n".join(table))
+    log(format_table(report))
     log(f"\nWSPO: gamma={gamma}, {n_wspo} steps; loss {losses[0][1]:.4f} -> {losses[-1][1]:.4f}"
-        + (f"; curve: {png}" if png else ""))
+        + (f"; curve: {png}" if png else "") + f"\nthe same report from the saved models: wspo-kernels eval {eval_config}")
     shape = dict(PROBE, batch=2, seq=256) if quick else PROBE
     log(f"memory of one training step beyond the policy (vocab {shape['vocab']}, hidden {shape['hidden']}, "
         f"{shape['batch']}x{shape['seq']} tokens): frozen models resident {mem_resident:.0f} MiB (their weights "
         f"+ the step's peak), precomputed {mem_pre:.0f} MiB; total time {time.time() - t_start:.0f} s")
-    return dict(rows=rows, losses=losses, mem_resident=mem_resident, mem_precomputed=mem_pre)
+    return dict(rows=rows, report=report, losses=losses, mem_resident=mem_resident, mem_precomputed=mem_pre,
+                eval_config=eval_config)
+
+
+WORDS = ["<pad>", "<s>", "</s>", "<sep>"] + [chr(ord("a") + i) for i in range(N_SYMBOLS)]  # the ids as words
+
+
+def _save_for_eval(out_dir, weak_base, weak_aligned, strong_base, policies, held, held_shuffled, gamma):
+    """The demo's models (with a word-level tokenizer of its symbols), one directory per gamma as a finished
+    run leaves it, the held-out pairs as text and a config: ``wspo-kernels eval`` on them gives the
+    demo's table."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from .cli import RUN_RECORD
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    out_dir = os.path.abspath(out_dir)
+    dirs = {}
+    for name, model in (("weak_base", weak_base), ("weak_aligned", weak_aligned), ("strong_base", strong_base),
+                        *((f"wspo-gamma-{g:g}", m) for g, m in policies.items())):
+        dirs[name] = os.path.join(out_dir, "models" if name[:4] != "wspo" else "", name)
+        model.save_pretrained(dirs[name])
+        tokenizer.save_pretrained(dirs[name])
+    for g in policies:
+        with open(os.path.join(dirs[f"wspo-gamma-{g:g}"], RUN_RECORD), "w") as f:
+            json.dump({"pref_beta": g}, f)
+
+    def text(ids):
+        return " ".join(WORDS[i] for i in ids)
+    pairs = os.path.join(out_dir, "heldout_pairs.jsonl")
+    with open(pairs, "w") as f:
+        for (prompt, chosen), (_, rejected) in zip(held, held_shuffled):
+            f.write(json.dumps({"prompt": text(prompt), "chosen": text(chosen[:-1]), "rejected": text(rejected[:-1])})
+                    + "\n")
+    config = os.path.join(out_dir, "eval.yaml")
+    others = ",".join(dirs[f"wspo-gamma-{g:g}"] for g in policies if g != gamma)
+    with open(config, "w") as f:
+        f.write("\n".join([f"model_name_or_path: {dirs['strong_base']}", f"weak_aligned_model: {dirs['weak_aligned']}",
+                           f"weak_base_model: {dirs['weak_base']}", f"output_dir: {dirs[f'wspo-gamma-{gamma:g}']}",
+                           f"eval_dataset: {pairs}", f"pref_beta: {gamma}", "template: plain", "use_cpu: true",
+                           "bf16: false", "cutoff_len: 32"] + ([f"eval_runs: {others}"] if others else [])) + "\n")
+    return config
 
 
 PROBE = dict(vocab=32000, hidden=256, layers=2, batch=4, seq=512)   # a realistically shaped step
+SWEEP = {False: (0.25, 0.5, 1.0), True: (0.25, 1.0)}  # the gammas trained from one precompute (quick: two)
 
 
 def _probe(mode, quick):
