@@ -5,9 +5,9 @@
 Both sides see the same rows in the same length-sorted batches (``evaluate.length_batches``) under
 ``torch.inference_mode``: ``sequence_logps`` (the model's hidden states, then ``linear_token_logprobs``
 over the vocabulary in chunks, summed per row) against ``model(input_ids, attention_mask)`` returning
-its full logits (what scoring costs at the least: the same layers and the same lm_head GEMM).  The two
-are timed round-robin in one process (A B A B ...), and the ratio is the median of the per-round
-ratios, with its range.  Rows: lengths drawn like preference data (lognormal prompt and response, cut
+its full logits (what scoring costs at the least: the same layers and the same lm_head GEMM), and, for
+context, the layers alone (``logits_to_keep=1``: no lm_head).  They are timed round-robin in one process
+(A B C A B C ...), and the ratio is the median of the per-round ratios, with its range.  Rows: lengths drawn like preference data (lognormal prompt and response, cut
 at 512); a Llama-shaped model with a 32000-token vocabulary.  Peak memory is not compared here: the bare
 forward holds batch x length x vocab fp32 logits, scoring one chunk of them.
 """
@@ -44,11 +44,11 @@ def model(hidden, layers, vocab=32000):
 
 
 @torch.inference_mode()
-def bare_forward(m, data, batch_tokens):
+def bare_forward(m, data, batch_tokens, **kwargs):
     collate = WSPODataCollator(0)
     for batch_rows in evaluate.length_batches([len(r["input_ids"]) for r in data], batch_tokens):
         batch = collate([data[i] for i in batch_rows])
-        m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
 
 
 def main(argv=None):
@@ -71,10 +71,13 @@ def main(argv=None):
 
     def floor():
         bare_forward(m, data, args.batch_tokens)
-    ours(), floor()  # warm-up
-    times = {"scoring": [], "bare forward": []}
+
+    def trunk():  # context, not a floor: the layers without the lm_head (logits of the last position only)
+        bare_forward(m, data, args.batch_tokens, logits_to_keep=1)
+    ours(), floor(), trunk()  # warm-up
+    times = {"scoring": [], "bare forward": [], "layers only (no lm_head)": []}
     for _ in range(args.rounds):
-        for name, fn in (("scoring", ours), ("bare forward", floor)):
+        for name, fn in (("scoring", ours), ("bare forward", floor), ("layers only (no lm_head)", trunk)):
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
@@ -88,8 +91,8 @@ def main(argv=None):
              "|---|---|---|---|"]
     for name in times:
         t = statistics.median(times[name])
-        share = (f"{statistics.median(ratios):.1%} ({min(ratios):.1%} - {max(ratios):.1%})" if name == "scoring"
-                 else "100% (the floor)")
+        share = {"scoring": f"{statistics.median(ratios):.1%} ({min(ratios):.1%} - {max(ratios):.1%})",
+                 "bare forward": "100% (the floor)"}.get(name, "-")
         lines.append(f"| {name} | {t:.3f} | {tokens / t:,.0f} | {share} |")
     text = "\n".join(lines)
     print(text)

@@ -179,6 +179,8 @@ def plot_report(report, path):
     right.axvline(0.5, color="black", linewidth=0.8, linestyle="--")
     right.set_yticks(list(y), [""] * len(names))
     right.set_xlim(0, 1)
+    left.invert_yaxis()  # the first model on top, as in the table (the axes share the order)
+    right.invert_yaxis()
     right.set_xlabel(f"win rate (margin > 0), 95% interval, {report['pairs']} pairs")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
