@@ -57,7 +57,7 @@ def test_margins_are_exact_against_float64(batch_tokens):
     assert worst < 1e-4, f"worst sequence logp error {worst}"
     assert scores["chosen_tokens"].tolist() == [len(p["chosen"]["input_ids"]) - sum(y == -100 for y in
                                                 p["chosen"]["labels"]) for p in pairs]
-    report = evaluate.summarize({"a": scores, "b": evaluate.score_pairs(tiny(6), pairs)}, policies=[])
+    report = evaluate.summarize({"a": scores}, transfers={})
     margin = (want_c - want_r).mean().item()
     assert math.isclose(report["models"]["a"]["margin"], margin, abs_tol=1e-4)
 
@@ -88,11 +88,43 @@ def test_a_model_trained_to_prefer_chosen_wins():
         loss.backward()
         opt.step()
     scores = {"base": evaluate.score_pairs(base, held), "trained": evaluate.score_pairs(model, held)}
-    report = evaluate.summarize(scores, policies=["trained"], reference="base", weak=("trained", "base"))
+    report = evaluate.summarize(scores, transfers={})
     assert report["models"]["trained"]["win"]["rate"] >= 0.95
-    assert report["rewards"]["trained vs base"]["accuracy"]["rate"] >= 0.95
     assert 0.15 <= report["models"]["base"]["win"]["rate"] <= 0.85
-    assert report["transfer"]["trained"]["amplification"] == pytest.approx(1.0)  # the same pair both ways
+    reward = evaluate.reward_summary(scores["trained"], scores["base"])
+    assert reward["accuracy"]["rate"] >= 0.95 and reward["gain"] > 2 * reward["gain_se"]
+
+
+def _synthetic(chosen, rejected):
+    n = len(chosen)
+    return {"chosen": torch.tensor(chosen, dtype=torch.float64), "rejected": torch.tensor(rejected, dtype=torch.float64),
+            "chosen_tokens": torch.full((n,), 4), "rejected_tokens": torch.full((n,), 2)}
+
+
+def test_transfer_ratio_ties_and_a_weak_pair_that_did_not_learn():
+    """Hand-made scores: the weak pair gains 2 nats per pair (+-0.5), the policy 8: amplification 4 = 1/0.25.
+    A policy equal to its reference ties on every pair (accuracy 0, all ties).  A weak pair whose gain is
+    negative or noise gives no ratio (a ratio of two losses would read as a success)."""
+    noise = [0.5, -0.5, 0.25, -0.25]
+    base = _synthetic([-10.0] * 4, [-9.0] * 4)
+    aligned = _synthetic([-8.0 + e for e in noise], [-9.0] * 4)
+    reference = _synthetic([-12.0] * 4, [-11.0] * 4)
+    policy = _synthetic([-4.0 + 4 * e for e in noise], [-11.0] * 4)
+    worse = _synthetic([-12.0 + e for e in noise], [-9.0] * 4)  # "aligned" away from the preference
+    scores = {"weak base": base, "weak aligned": aligned, "worse aligned": worse, "strong reference": reference,
+              "policy": policy, "unchanged": reference, "from worse": policy}
+    report = evaluate.summarize(scores, gammas={"policy": 0.25}, transfers={
+        "policy": ("strong reference", "weak aligned", "weak base"),
+        "unchanged": ("strong reference", "weak aligned", "weak base"),
+        "from worse": ("strong reference", "worse aligned", "weak base")})
+    t = report["transfer"]["policy"]
+    assert (t["weak_gain"], t["strong_gain"], t["amplification"], t["expected_amplification"]) == (2.0, 8.0, 4.0, 4.0)
+    unchanged = report["rewards"]["unchanged vs strong reference"]
+    assert unchanged["accuracy"]["rate"] == 0.0 and unchanged["accuracy"]["ties"] == 4 and unchanged["gain"] == 0.0
+    assert report["transfer"]["from worse"]["amplification"] is None
+    assert "not above 0" in report["transfer"]["from worse"]["no_amplification_because"]
+    assert report["models"]["weak base"]["margin"] == -1.0 and report["models"]["weak base"]["margin_per_token"] == 2.0
+    assert "4 ties" in evaluate.format_table(report)
 
 
 @pytest.fixture(scope="module")
@@ -181,12 +213,72 @@ def test_bad_eval_inputs_are_clear(tmp_path, ckpt, capsys):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(str(other / "weak_base"))
     assert wspo_main(["eval", config, f"eval_dataset={pairs}", f"weak_base_model={other / 'weak_base'}"]) == 2
-    assert "weak_base_model" in (err := capsys.readouterr().err) and "another tokenizer" in err
+    assert "weak base (" in (err := capsys.readouterr().err) and "has another tokenizer" in err
     with pytest.raises(ConfigError, match="eval_runs|holds no trained model"):
         evaluate.main([config, f"eval_dataset={pairs}", f"eval_runs={tmp_path}"])
-    overlap = tmp_path / "overlap.jsonl"  # the training file's rows, with a rejected answer added
+    overlap = tmp_path / "overlap.jsonl"  # 3 of the training file's prompts (other answers) and a new one
     rows = [json.loads(line) for line in open(data)]
-    overlap.write_text("\n".join(json.dumps(dict(r, chosen=r.pop("response"), rejected=words(2))) for r in rows[:4]))
+    overlap.write_text("\n".join(json.dumps({"prompt": p, "chosen": words(2), "rejected": words(3, 9)})
+                                 for p in [r["prompt"] for r in rows[:3]] + [words(5, 30)]))
     capsys.readouterr()
     evaluate.main([config, f"eval_dataset={overlap}"])
-    assert "warning: 4 of 4 eval pairs also appear in the training data" in capsys.readouterr().out
+    assert "warning: 3 of 4 eval prompts also prompt the training data" in capsys.readouterr().out
+    evaluate.main([config, f"eval_dataset={overlap}", f"dataset={tmp_path / 'gone.jsonl'}"])  # only a warning
+    assert "gone.jsonl' not found: the overlap with the training data is not checked" in capsys.readouterr().out
+
+
+def test_eval_of_a_weak_model_sweep_compares_each_run_with_its_own_weak_pair(tmp_path, ckpt):
+    """Two runs trained from different weak-aligned models, both in directories named `out`: eval, given
+    the first run's directory for its config, scores both weak-aligned models, names the runs apart, and
+    measures each run's transfer against the weak pair it was trained from."""
+    paths, data = ckpt
+    other = str(tmp_path / "weak_aligned_b")
+    tiny(9).save_pretrained(other)
+    transformers.AutoTokenizer.from_pretrained(paths["policy"]).save_pretrained(other)
+    runs = {}
+    for name, extra in (("a", ()), ("b", (f"weak_aligned_model: {other}", "pref_beta: 0.5"))):
+        runs[name] = tmp_path / name / "out"
+        cli.train_main([write_config(tmp_path / f"{name}.yaml", paths, data, runs[name], *extra)])
+    pairs = _pair_file(tmp_path / "pairs.jsonl")
+    # Both runs as eval_runs: two policies named after a directory `out`, told apart by their paths.
+    report = evaluate.main([str(runs["a"]), f"eval_dataset={pairs}", f"eval_runs={runs['a']},{runs['b']}",
+                            "use_cpu=true"])
+    named = {r: f"policy out ({os.path.relpath(runs[r])})" for r in runs}
+    assert set(report["models"]) == {"weak base", "weak aligned", "strong reference", "weak aligned (weak_aligned_b)",
+                                     "policy", *named.values()}
+    assert report["models"]["policy"]["margin"] == report["models"][named["a"]]["margin"]
+    b = report["transfer"][named["b"]]
+    assert b["weak_pair"] == "weak aligned (weak_aligned_b) vs weak base" and b["gamma"] == 0.5
+    assert report["transfer"]["policy"]["weak_pair"] == "weak aligned vs weak base"
+    assert report["transfer"]["policy"]["gamma"] == 0.1  # from the run's record, not a default
+    assert report["numerics"] == "torch.float32"  # the run's bf16: false, from its record
+
+
+def test_a_nan_model_is_one_line_exit_1(tmp_path, ckpt, capsys):
+    paths, data = ckpt
+    nan = str(tmp_path / "nan_base")
+    model = tiny(3)
+    with torch.no_grad():
+        model.lm_head.weight[5, 0] = float("nan")
+    model.save_pretrained(nan)
+    config = write_config(tmp_path / "c.yaml", paths, data, tmp_path / "out", f"weak_base_model: {nan}")
+    assert wspo_main(["eval", config, f"eval_dataset={_pair_file(tmp_path / 'p.jsonl')}"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("wspo-kernels eval")]
+    assert len(err) == 1 and "weak base" in err[0] and "gives non-finite logps for" in err[0]
+
+
+def test_cache_reuse_runs_nothing_when_every_column_is_held_and_never_across_versions(tmp_path, monkeypatch):
+    from wspo_kernels.train import precompute as pre
+    from train_fixtures import examples
+    ds = datasets.Dataset.from_list(examples(6))
+    frozen = dict(ref_model=tiny(1), weak_aligned_model=tiny(2), weak_base_model=tiny(3))
+    ids = {"ref": "r", "weak_aligned": "a", "weak_base": "b"}
+    first = pre.precompute_logps(ds, **frozen, output_dir=str(tmp_path), model_ids=ids, shard_size=4, progress=False)
+    # Another shard size: not the same cache, but every column is held -> no model is needed or run.
+    assert pre.cached_roles(ds, str(tmp_path), model_ids=ids, shard_size=2) == set(ids)
+    again = pre.precompute_logps(ds, output_dir=str(tmp_path), model_ids=ids, shard_size=2, progress=False)
+    assert again["ref_logps"] == first["ref_logps"] and again["weak_base_logps"] == first["weak_base_logps"]
+    monkeypatch.setattr("wspo_kernels.__version__", "99.0")  # an upgrade: its logps are not reused
+    assert pre.cached_roles(ds, str(tmp_path), model_ids=ids, shard_size=2) == set()
+    with pytest.raises(pre.CacheChanged):
+        pre.precompute_logps(ds, output_dir=str(tmp_path), model_ids=ids, shard_size=2, progress=False)

@@ -259,7 +259,6 @@ def test_demo_runs_end_to_end(tmp_path):
     assert all(math.isfinite(m) for _, m, _ in result["rows"])
     report = result["report"]  # the table is wspo-kernels eval's: one policy per gamma of the sweep
     assert [t["gamma"] for t in report["transfer"].values()] == [0.25, 1.0]
-    assert result["rows"][1][1] == report["models"]["weak aligned"]["margin"]
     from wspo_kernels.__main__ import main as wspo_main  # and the CLI on the models the demo saved: the same report
     assert wspo_main(["eval", result["eval_config"]]) == 0
     with open(tmp_path / "demo" / "wspo-gamma-0.25" / "wspo_eval.json") as f:

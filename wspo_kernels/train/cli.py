@@ -239,7 +239,7 @@ def precomputed_dataset(config, tokenizer, ds):
 
 
 def _precomputed_dataset(config, tokenizer, ds, cache):
-    from .precompute import cached_roles, load_cached_logps, precompute_logps
+    from .precompute import CacheChanged, cached_roles, load_cached_logps, precompute_logps
     w = config.wspo
     numerics = frozen_numerics(w, config.training)
     sources = _sources(w)
@@ -254,16 +254,25 @@ def _precomputed_dataset(config, tokenizer, ds, cache):
     device = "cpu" if config.training.use_cpu or not torch.cuda.is_available() else "cuda"
     # A sweep that changed one model (another weak-aligned checkpoint) loads and runs only that one.
     held = cached_roles(ds, cache, model_ids=ids, log=_say) if all(ids.values()) else set()
-    with _whole_weights(config.training):
-        models = {role: _load_frozen(name, config.training, numerics[role]).to(device)
-                  for role, name in sources.items() if role not in held}
-    if not all(ids.values()):  # downloaded just now
-        ids = _model_ids(sources, numerics, cache)
     autocast = {a for _, a in numerics.values()}.pop()  # one autocast for every frozen model
-    out = precompute_logps(ds, ref_model=models.get("ref"), weak_aligned_model=models.get("weak_aligned"),
-                           weak_base_model=models.get("weak_base"), batch_size=w.precompute_batch_size, output_dir=cache,
-                           pad_token_id=tokenizer.pad_token_id, model_ids=ids if all(ids.values()) else None,
-                           model_names=sources, autocast_dtype=autocast, backend=w.backend, log=_say)
+    models = {}
+    for attempt in range(2):  # a second try with every model: another run replaced the cache meanwhile
+        with _whole_weights(config.training):
+            models.update({role: _load_frozen(name, config.training, numerics[role]).to(device)
+                           for role, name in sources.items() if role not in held and role not in models})
+        if not all(ids.values()):  # downloaded just now
+            ids = _model_ids(sources, numerics, cache)
+        try:
+            out = precompute_logps(ds, ref_model=models.get("ref"), weak_aligned_model=models.get("weak_aligned"),
+                                   weak_base_model=models.get("weak_base"), batch_size=w.precompute_batch_size,
+                                   output_dir=cache, pad_token_id=tokenizer.pad_token_id,
+                                   model_ids=ids if all(ids.values()) else None, model_names=sources,
+                                   autocast_dtype=autocast, backend=w.backend, log=_say)
+            break
+        except CacheChanged:
+            if attempt:
+                raise
+            held = set()
     _say(f"precomputed logps for {len(out)} examples -> {cache}")
     return out
 
@@ -349,10 +358,13 @@ def _save_final(trainer, result, w):
             trainer.save_metrics("train", result.metrics)
             trainer.save_state()
         if trainer.args.should_save:
+            args = trainer.args
             storage.write_json_atomically(os.path.join(out, RUN_RECORD), {
                 "pref_beta": w.pref_beta, "finetuning_type": w.finetuning_type,
                 "model_name_or_path": _local(w.model_name_or_path), **{k: _local(v) if v else None for k, v in (
-                    (key, getattr(w, key)) for key in ROLE_KEYS.values())}, "global_step": trainer.state.global_step})
+                    (key, getattr(w, key)) for key in ROLE_KEYS.values())}, "bf16": args.bf16, "fp16": args.fp16,
+                "cutoff_len": w.cutoff_len, "truncation": w.truncation, "template": w.template,
+                "global_step": trainer.state.global_step})
     finally:
         if trainer.args.should_save:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -316,8 +316,9 @@ def check_model_source(key: str, name: str) -> None:
                           f"({type(e).__name__})") from None
 
 
-def parse_config(argv, *, prog="wspo-kernels train", required=REQUIRED) -> Config:
-    """``[CONFIG.yaml] [overrides...]`` -> a validated ``Config``; raises ``ConfigError``."""
+def parse_config(argv, *, prog="wspo-kernels train", required=REQUIRED, paths=("dataset", "eval_dataset")) -> Config:
+    """``[CONFIG.yaml] [overrides...]`` -> a validated ``Config``; raises ``ConfigError``.  ``paths``: the
+    data keys that must exist when given."""
     argv = list(argv)
     is_file = argv and not argv[0].startswith("-") and (os.path.isfile(argv[0]) or "=" not in argv[0])
     raw = read_yaml(argv.pop(0)) if is_file else {}
@@ -366,7 +367,7 @@ def parse_config(argv, *, prog="wspo-kernels train", required=REQUIRED) -> Confi
     for key in ("model_name_or_path", "ref_model", "weak_aligned_model", "weak_base_model"):
         if getattr(w, key):
             check_model_source(key, getattr(w, key))
-    for key in ("dataset", "eval_dataset"):
+    for key in paths:
         path = getattr(w, key)
         if path and not os.path.exists(path):
             raise ConfigError(f"{key}: {path!r} is not a local file or directory (a JSON / JSONL file or a "

@@ -9,7 +9,8 @@ Truncation to ``cutoff_len`` (``TRUNCATIONS``):
   *start* of the prompt and of the response and split the budget between them (a response shorter than
   half the budget is kept whole, likewise a short prompt; otherwise in proportion to their lengths).
 - ``"prompt_left"``: drop prompt tokens from the left first (keep the end of the prompt, next to the
-  response), then response tokens from the right.
+  response), then response tokens from the right; with a preference pair, the prompt is cut for the
+  longer response, so both halves keep the same prompt.
 """
 from typing import Optional
 
@@ -48,8 +49,8 @@ def build_example(prompt_ids, response_ids, *, max_length: Optional[int] = None,
         if truncation == "infer_seqlen":
             n_prompt, n_response = infer_seqlen(len(prompt_ids), budget, max_length)
             prompt_ids, response_ids = prompt_ids[:n_prompt], response_ids[:n_response]
-        else:
-            prompt_ids = prompt_ids[-max(1, max_length - len(response_ids)):]
+        else:  # the prompt cut by the pair's longer response, so both halves keep the same prompt
+            prompt_ids = prompt_ids[-max(1, max_length - budget):]
             response_ids = response_ids[: max_length - len(prompt_ids)]
     if not prompt_ids or not response_ids:  # a response token needs a preceding position to be scored
         return None

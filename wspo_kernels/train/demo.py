@@ -130,7 +130,7 @@ def run(*, quick=False, gamma=0.25, out_dir="wspo_demo", seed=0, log=print):
     names = {f"strong after WSPO (gamma {g:g})": m for g, m in policies.items()}
     scores = {name: score_pairs(model, pairs, pad_token_id=SPECIAL["pad"]) for name, model in (
         ("weak base", weak_base), ("weak aligned", weak_aligned), ("strong base", strong_base), *names.items())}
-    report = summarize(scores, policies=list(names), reference="strong base",
+    report = summarize(scores, transfers={n: ("strong base", "weak aligned", "weak base") for n in names},
                        gammas={n: g for n, g in zip(names, policies)})
     eval_config = _save_for_eval(out_dir, weak_base, weak_aligned, strong_base, policies, held, held_shuffled, gamma)
     main_policy = next(iter(names))

@@ -53,6 +53,10 @@ class NonFiniteLogpsError(ValueError):
     """A frozen model gives NaN or inf logps for counted tokens."""
 
 
+class CacheChanged(ValueError):
+    """A role left to the cache (``cached_roles``) is no longer in it: another run replaced the cache."""
+
+
 def _say(message):
     print(f"wspo-kernels: {message}", flush=True)
 
@@ -266,8 +270,8 @@ def precompute_logps(dataset, *, ref_model=None, weak_aligned_model=None, weak_b
         missing = [r for r in model_ids if r not in models and (reused is None or LOGPS_COLUMNS[r] not in
                                                                   reused.column_names)]
         if missing:
-            raise ValueError(f"no model given for {', '.join(missing)} and the cache in {output_dir} does not hold "
-                             "its logps for these rows")
+            raise CacheChanged(f"no model given for {', '.join(missing)} and the cache in {output_dir} does not hold "
+                               "its logps for these rows (another run changed it)")
         if not (resume and _cache_matches(output_dir, wanted, log)):
             shutil.rmtree(os.path.join(output_dir, "shards"), ignore_errors=True)
             if reused is None:  # else it stays until the new cache replaces it (a kill keeps it reusable)
@@ -284,7 +288,8 @@ def _reusable(output_dir, wanted, log):
     path = os.path.join(output_dir, "dataset")
     record = storage.read_json(os.path.join(path, CHECKSUM_FILE))
     old = record.get("fingerprint") if isinstance(record, dict) else None
-    if not isinstance(old, dict) or any(old.get(k) != wanted[k] for k in ("format", "dataset", "rows")):
+    # Another version of this package may compute other logps: only its own are reused.
+    if not isinstance(old, dict) or any(old.get(k) != wanted[k] for k in ("format", "wspo_kernels", "dataset", "rows")):
         return None
     same = [r for r, fp in wanted["models"].items() if old.get("models", {}).get(r) == fp]
     found = _verified(path, old, wanted["rows"], log, "the logps cache") if same else None
@@ -320,7 +325,8 @@ def _precompute(*, models, dataset, batch_size, shard_size, pad_token_id, backen
             lo, hi = s * shard_size, min(len(dataset), (s + 1) * shard_size)
             path = os.path.join(shard_dir, f"{s:05d}") if shard_dir else None
             found = _verified(path, wanted, hi - lo, log, f"shard {s}") if path else None
-            shard = found[0] if found and set(columns_of(models)) <= set(found[0].column_names) else None
+            shard = (found[0].select_columns(columns_of(models))
+                     if found and set(columns_of(models)) <= set(found[0].column_names) else None)
             if shard is None:
                 columns = {c: [] for c in columns_of(models)}
                 for b in range(lo, hi, batch_size):
