@@ -444,6 +444,7 @@ def main(argv):
 
     from .cli import _dtype, _local, _say, effective_cutoff
     from .config import EVAL_REQUIRED, ConfigError, parse_config
+    from .precompute import NonFiniteLogpsError
     argv = [argv] if isinstance(argv, str) else list(argv)
     config = parse_config(_config_from_run(argv), prog="wspo-kernels eval", required=EVAL_REQUIRED,
                           paths=("eval_dataset",))
@@ -478,6 +479,10 @@ def main(argv):
                                            name=f"{name} ({path})")
             except NotImplementedError as e:  # a head the fused loss does not cover (soft-capped, scaled logits)
                 raise ConfigError(f"{name} ({path}): {e}") from None
+            except ValueError as e:  # e.g. rows longer than this model's context (set cutoff_len)
+                if isinstance(e, NonFiniteLogpsError):
+                    raise
+                raise ConfigError(f"{name} ({path}): {str(e).splitlines()[0]}") from None
             speed[name] = tokens / (time.perf_counter() - start)
         del model
     report = summarize(scores, transfers=transfers, gammas=gammas)
