@@ -125,7 +125,17 @@ def _train_command(command, argv):
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        _end_process_group()
     return 0
+
+
+def _end_process_group():
+    """A torchrun job's process group, torn down before the interpreter exits: gloo's, left to exit,
+    can abort a rank that finished its work ('terminate called without an active exception', exit -6)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main(argv=None):

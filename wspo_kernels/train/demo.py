@@ -162,6 +162,7 @@ def _save_for_eval(out_dir, weak_base, weak_aligned, strong_base, policies, held
     from transformers import PreTrainedTokenizerFast
 
     from .cli import RUN_RECORD
+    from .storage import write_json_atomically
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
@@ -173,8 +174,7 @@ def _save_for_eval(out_dir, weak_base, weak_aligned, strong_base, policies, held
         model.save_pretrained(dirs[name])
         tokenizer.save_pretrained(dirs[name])
     for g in policies:
-        with open(os.path.join(dirs[f"wspo-gamma-{g:g}"], RUN_RECORD), "w") as f:
-            json.dump({"pref_beta": g}, f)
+        write_json_atomically(os.path.join(dirs[f"wspo-gamma-{g:g}"], RUN_RECORD), {"pref_beta": g, "bf16": False})
 
     def text(ids):
         return " ".join(WORDS[i] for i in ids)
