@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("yaml")
 
-from train_fixtures import VOCAB, save_tiny_checkpoints, tiny, words, write_config  # noqa: E402
+from train_fixtures import VOCAB, save_tiny_checkpoints, tiny, write_config  # noqa: E402
 
 from wspo_kernels.__main__ import main as wspo_main  # noqa: E402
 from wspo_kernels.train import checkpoints, cli  # noqa: E402

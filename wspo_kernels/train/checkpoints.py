@@ -83,7 +83,7 @@ def global_step(path):
     return state.get("global_step")
 
 
-def _checkpoints(output_dir):
+def checkpoint_dirs(output_dir):
     """[(step, path)] of the ``checkpoint-N`` directories in ``output_dir``, newest first."""
     if not os.path.isdir(output_dir):
         return []
@@ -94,7 +94,7 @@ def _checkpoints(output_dir):
 
 def latest_complete(output_dir, *, log=None):
     """The newest complete checkpoint in ``output_dir``, or None; ``log`` names each newer one skipped."""
-    for _, path in _checkpoints(output_dir):
+    for _, path in checkpoint_dirs(output_dir):
         reason = why_incomplete(path)
         if reason is None:
             return path
@@ -106,7 +106,7 @@ def latest_complete(output_dir, *, log=None):
 def remove_all(output_dir, *, log=None):
     """Every ``checkpoint-N`` of ``output_dir`` removed (``overwrite_output_dir``: an earlier run's would be
     resumed from, and would outlive the new run's under ``save_total_limit``)."""
-    found = _checkpoints(output_dir)
+    found = checkpoint_dirs(output_dir)
     if found and log is not None:
         log(f"overwrite_output_dir: removing the {len(found)} checkpoint(s) of an earlier run in {output_dir}")
     for _, path in found:
@@ -114,7 +114,7 @@ def remove_all(output_dir, *, log=None):
 
 
 def remove_incomplete(output_dir, *, log=None):
-    for _, path in _checkpoints(output_dir):
+    for _, path in checkpoint_dirs(output_dir):
         reason = why_incomplete(path)
         if reason is not None:
             if log is not None:

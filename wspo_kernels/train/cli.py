@@ -44,15 +44,14 @@ HASH_CHUNK = 1 << 24
 HASH_MEMO = "file_hashes.json"  # in the cache directory: file contents hashed once per (path, size, mtime)
 
 
+_say = storage.say
+
+
 class Interrupted(Exception):
     """Ctrl-C (SIGINT): the message says where the run stopped and how to go on."""
 
 
 RUN_ERRORS = (storage.StorageError, NonFiniteError, NonFiniteLogpsError, NonFiniteWeightsError)  # one line, exit status 1
-
-
-def _say(message):
-    print(f"wspo-kernels: {message}", flush=True)
 
 
 def _local(name):
@@ -347,7 +346,9 @@ def _save_final(trainer, result, w):
         with storage.writing(out, "the final model"):
             if trainer.args.should_save:
                 shutil.rmtree(tmp, ignore_errors=True)
+            trainer.accelerator.wait_for_everyone()  # every rank writes its part after the removal (DeepSpeed)
             trainer.save_model(tmp)
+            trainer.accelerator.wait_for_everyone()  # ... and before the files move
             if trainer.args.should_save:
                 for name in os.listdir(tmp):
                     target = os.path.join(out, name)

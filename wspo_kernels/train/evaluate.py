@@ -329,7 +329,7 @@ def models_to_score(config, log):
     model, other runs' (``eval_runs``).  Each policy is compared with the frozen models *its* run was
     trained from (``wspo_run.json``; the config's when the run did not record them): a weak-model sweep
     adds each run's weak pair."""
-    from .checkpoints import _checkpoints, why_incomplete
+    from .checkpoints import checkpoint_dirs, why_incomplete
     from .config import ConfigError
     w, out = config.wspo, config.training.output_dir
     given = {"ref": w.ref_model or w.model_name_or_path, "weak_aligned": w.weak_aligned_model,
@@ -349,7 +349,7 @@ def models_to_score(config, log):
     policies = []  # (name, path, record)
     if w.eval_checkpoints:
         if w.eval_checkpoints.strip() == "all":
-            found = [p for _, p in sorted(_checkpoints(out)) if why_incomplete(p) is None]
+            found = [p for _, p in sorted(checkpoint_dirs(out)) if why_incomplete(p) is None]
         else:
             found = [p if os.path.isabs(p) or not os.path.isdir(os.path.join(out, p)) else os.path.join(out, p)
                      for p in (x.strip() for x in w.eval_checkpoints.split(",")) if p]

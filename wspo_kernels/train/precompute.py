@@ -57,10 +57,6 @@ class CacheChanged(ValueError):
     """A role left to the cache (``cached_roles``) is no longer in it: another run replaced the cache."""
 
 
-def _say(message):
-    print(f"wspo-kernels: {message}", flush=True)
-
-
 def model_fingerprint(model) -> str:
     """A hash of a model's config, parameter names, shapes, dtypes and a strided sample of their values."""
     h = hashlib.sha256()
@@ -124,7 +120,7 @@ def _cache_matches(output_dir, wanted, log=None) -> bool:
     return False
 
 
-def load_cached_logps(dataset, output_dir, *, model_ids: dict, shard_size: int = 256, log=_say):
+def load_cached_logps(dataset, output_dir, *, model_ids: dict, shard_size: int = 256, log=storage.say):
     """``dataset`` with its logps columns when ``output_dir`` holds a complete cache made for exactly this
     dataset and these models, whose checksums hold (no model needs to be loaded), else None."""
     with storage.directory_lock(output_dir, shared=True, log=log, what=f"the logps cache {output_dir}"):
@@ -233,7 +229,7 @@ def _shard_logps(models, rows, collate, device, backend, autocast_dtype=None, na
 
 def precompute_logps(dataset, *, ref_model=None, weak_aligned_model=None, weak_base_model=None, batch_size=8,
                      shard_size=256, output_dir=None, resume=True, pad_token_id=0, backend=None, device=None,
-                     progress=True, model_ids=None, model_names=None, autocast_dtype=None, log=_say):
+                     progress=True, model_ids=None, model_names=None, autocast_dtype=None, log=storage.say):
     """``dataset`` (input_ids, labels) plus one logps column per model; saved under ``output_dir``.
 
     ``model_ids`` ({role: str}, roles as in ``LOGPS_COLUMNS``) names the models in the cache's
@@ -299,7 +295,7 @@ def _reusable(output_dir, wanted, log):
     return found[0].select_columns([LOGPS_COLUMNS[r] for r in same])
 
 
-def cached_roles(dataset, output_dir, *, model_ids, shard_size=256, log=_say):
+def cached_roles(dataset, output_dir, *, model_ids, shard_size=256, log=storage.say):
     """The roles whose logps the cache in ``output_dir`` already holds for these rows and models: their
     models need not be loaded (``precompute_logps`` takes them from the cache)."""
     wanted = cache_fingerprint(dataset, model_ids, shard_size)

@@ -30,6 +30,11 @@ LOW_SPACE_BYTES = 64 << 20
 LOCK_FILE = ".lock"
 
 
+def say(message):
+    """One line of the CLI's own output (the prefix every message of train / precompute / eval carries)."""
+    print(f"wspo-kernels: {message}", flush=True)
+
+
 class StorageError(RuntimeError):
     """Something could not be written; the message says what, where and why, in one line."""
 

@@ -60,10 +60,6 @@ class NonFiniteWeightsError(ValueError):
     """A resident frozen model holds NaN or inf weights."""
 
 
-def _say(message):
-    print(f"wspo-kernels: {message}", flush=True)
-
-
 def nonfinite_weights(model):
     """(count, first parameter name) of NaN / inf values in a model's parameters; (0, None) if none."""
     total, first = 0, None
@@ -160,7 +156,7 @@ class WSPOTrainer(Trainer):
         ``overwrite_checkpoints=True`` (not resuming) removes the checkpoints already in ``output_dir``."""
         output_dir = self.args.output_dir
         if resume_from_checkpoint is True:  # the newest *complete* checkpoint, not the newest directory
-            resume_from_checkpoint = checkpoints.latest_complete(output_dir, log=_say)
+            resume_from_checkpoint = checkpoints.latest_complete(output_dir, log=storage.say)
             if resume_from_checkpoint is None:
                 raise ValueError(f"no complete checkpoint in {output_dir} to resume from")
         elif resume_from_checkpoint:
@@ -172,14 +168,14 @@ class WSPOTrainer(Trainer):
             if self.args.should_save:  # one training run per output_dir: their checkpoints share names
                 held.enter_context(storage.directory_lock(output_dir, wait=False, what=f"output_dir {output_dir}"))
                 if overwrite_checkpoints and not resume_from_checkpoint:
-                    checkpoints.remove_all(output_dir, log=_say)
-                checkpoints.remove_incomplete(output_dir, log=_say)
+                    checkpoints.remove_all(output_dir, log=storage.say)
+                checkpoints.remove_incomplete(output_dir, log=storage.say)
             try:
                 return super().train(resume_from_checkpoint, *args, **kwargs)
             except _NothingToTrain:
                 self.is_in_train = False
                 self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
-                _say(f"{resume_from_checkpoint} is at step {self.state.global_step} of {self.state.max_steps}: "
+                storage.say(f"{resume_from_checkpoint} is at step {self.state.global_step} of {self.state.max_steps}: "
                      "nothing left to train")
                 return TrainOutput(self.state.global_step, 0.0, {"train_runtime": 0.0})
             except BaseException:
