@@ -122,7 +122,10 @@ def test_help_lists_every_key_with_its_default(capsys):
 
 def test_train_without_config_says_what_is_missing(capsys):
     assert wspo_main(["train"]) == 2
-    assert "missing model_name_or_path, weak_aligned_model, weak_base_model, dataset, output_dir" in capsys.readouterr().err
+    usage, error = capsys.readouterr().err.splitlines()  # like argparse: the usage line, then the error
+    assert usage == "usage: wspo-kernels train [-h] CONFIG [key=value ...]"
+    assert error.startswith("wspo-kernels train: error: missing model_name_or_path, weak_aligned_model, "
+                            "weak_base_model, dataset, output_dir")
 
 
 def test_command_line_overrides(tmp_path, ckpt):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import wspo_kernels as wk
+from helpers import BACKENDS
 
 
 def _batch(B=2, T=4, V=11):
@@ -201,3 +202,61 @@ def test_cu_seqlens_as_a_list_is_accepted():
     got = wk.token_logprobs(flat, _LABELS.reshape(-1), cu_seqlens=[0, 4, 8], shift=True)
     want = wk.token_logprobs(flat, _LABELS.reshape(-1), cu_seqlens=torch.tensor([0, 4, 8]), shift=True)
     assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------- double backward
+def _double_backward_cases():
+    """Every differentiable entry point, as (name, make): make() -> (output to differentiate, leaves)."""
+    def logits(reduction="mean", precomputed=False, inplace=False):
+        def make(backend):
+            f, y = _batch(T=5)
+            p = f[0].clone().requires_grad_()
+            frozen = [wk.token_logprobs(z, y, shift=True) for z in f[1:]] if precomputed else f[1:]
+            loss = _loss(p if not inplace else p.clone(), y, frozen, reduction=reduction, inplace_grad=inplace,
+                         backend=backend)
+            return loss.sum(), [p]
+        return make
+
+    def linear(reduction="mean"):
+        def make(backend):
+            g = torch.Generator().manual_seed(1)
+            h, w = torch.randn(2, 5, 3, generator=g).requires_grad_(), torch.randn(11, 3, generator=g).requires_grad_()
+            f, y = _batch(T=5)
+            return _linear(h, w, y, f[1:], reduction=reduction, backend=backend).sum(), [h, w]
+        return make
+
+    def token(backend):
+        f, y = _batch(T=5)
+        p = f[0].clone().requires_grad_()
+        return wk.token_logprobs(p, y, backend=backend).sum(), [p]
+
+    def linear_token(backend):
+        f, y = _batch(T=5)
+        h, w = torch.randn(2, 5, 3).requires_grad_(), torch.randn(11, 3).requires_grad_()
+        return wk.linear_token_logprobs(h, w, y, backend=backend).sum(), [h, w]
+
+    return {"wspo_loss four logits": logits(), "wspo_loss reduction none": logits("none"),
+            "wspo_loss precomputed": logits(precomputed=True), "wspo_loss inplace_grad": logits(inplace=True),
+            "linear_wspo_loss": linear(), "linear_wspo_loss reduction none": linear("none"),
+            "token_logprobs": token, "linear_token_logprobs": linear_token}
+
+
+DOUBLE_BACKWARD = _double_backward_cases()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(DOUBLE_BACKWARD))
+def test_create_graph_is_refused_not_silently_first_order(case, backend):
+    """The backward is a fused kernel with no derivative: create_graph=True names itself and the way out
+    (before, the gradient came back without a graph: the Hessian was silently lost)."""
+    out, leaves = DOUBLE_BACKWARD[case](backend)
+    with pytest.raises(RuntimeError, match=r"create_graph=True \(double backward\) is not supported.*"
+                                           r"first-order gradients.*reference_wspo_loss"):
+        torch.autograd.grad(out, leaves, create_graph=True)
+    out, leaves = DOUBLE_BACKWARD[case](backend)
+    with pytest.raises(RuntimeError, match=r"create_graph=True"):
+        out.backward(create_graph=True)
+    out, leaves = DOUBLE_BACKWARD[case](backend)  # first order still works, also inside enable_grad
+    with torch.enable_grad():
+        grads = torch.autograd.grad(out, leaves)
+    assert all(g is not None and torch.isfinite(g).all() and not g.requires_grad for g in grads)

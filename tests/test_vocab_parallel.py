@@ -213,6 +213,17 @@ def _error_worker(rank, world, port):
                 call()
                 pytest.fail(f"rank {rank}: {what}: no error")
             dist.barrier()  # every rank raised: nobody is left waiting in a collective
+        # create_graph=True is refused on every rank before any collective of the backward
+        leaf = mine.clone().requires_grad_()
+        h, w = torch.randn(*labels.shape, 3).requires_grad_(), torch.randn(mine.shape[-1], 3).requires_grad_()
+        for what, out, leaves in (
+                ("token_logprobs", lambda: wk.token_logprobs(leaf, labels, vocab_group=dist.group.WORLD), [leaf]),
+                ("linear_token_logprobs", lambda: wk.linear_token_logprobs(
+                    h, w, labels, vocab_group=dist.group.WORLD), [h, w])):
+            with pytest.raises(RuntimeError, match="create_graph=True"):
+                torch.autograd.grad(out().sum(), leaves, create_graph=True)
+                pytest.fail(f"rank {rank}: {what}: create_graph=True accepted")
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -114,7 +114,8 @@ def _train_command(command, argv):
         else:
             (cli.train_main if command == "train" else cli.precompute_main)(argv)
     except (cli.ConfigError, FileNotFoundError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        # Like every argparse tool: the usage line first, then the one-line error.
+        print(f"usage: {prog} [-h] CONFIG [key=value ...]\n{prog}: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except cli.RUN_ERRORS as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

@@ -15,6 +15,8 @@ dtype (``dispatch.select_backend``) and runs that backend's row kernels.  Logits
   ``_linear_impl`` picks the chunked driver (default) or, opt-in, a backend's logits-free kernels (Triton).
 
 Frozen-model ops (``weak_log_ratio``) have no autograd: the public wrappers detach their inputs.
+Every backward is first-order only (``refuse_double_backward``): it is a fused kernel with no derivative
+of its own, so under ``create_graph=True`` it raises instead of returning a gradient without a graph.
 """
 import os
 from typing import Optional, Tuple
@@ -27,6 +29,18 @@ from ._inputs import STATS_ROWS, acc_dtype as _acc, check_labels_range, num_rows
 from .dispatch import select_backend
 
 _LIB = "wspo_kernels"
+
+_DOUBLE_BACKWARD = ("wspo_kernels: create_graph=True (double backward) is not supported: the backward is a fused "
+                    "kernel with no derivative of its own, so second-order terms would be silently lost. Take "
+                    "first-order gradients (create_graph=False); for second-order terms differentiate "
+                    "wspo_kernels.reference.reference_wspo_loss (plain torch) instead.")
+
+
+def refuse_double_backward():
+    """Called first in every backward: autograd runs a backward with grad mode on only when asked for
+    ``create_graph=True`` (``torch.autograd.grad`` or ``.backward``); AOTAutograd traces with it off."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(_DOUBLE_BACKWARD)
 
 
 def _rows_backend(backend: str, x: Tensor, *others: Optional[Tensor]):
@@ -91,6 +105,7 @@ def _logprobs_setup(ctx, inputs, output):
 
 
 def _logprobs_bwd(ctx, grad_logp, grad_stats):
+    refuse_double_backward()
     logits, labels, stats = ctx.saved_tensors
     grad = logprobs_backward(grad_logp.contiguous(), logits, labels, stats, ctx.ignore_index, ctx.backend)
     return grad, None, None, None
@@ -211,6 +226,7 @@ def _per_row(scale: Tensor, grad: Tensor) -> Tensor:
 
 
 def _scale_saved_grad(ctx, grad_loss, *unused):
+    refuse_double_backward()
     if grad_loss is None:
         return (None,) * ctx.num_inputs
     (grad,), reusable = _take_grads(ctx)
@@ -244,6 +260,7 @@ class GradOverPolicy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_logps):
+        refuse_double_backward()
         if grad_loss is None:
             return None, None, None
         (grad,), reusable = _take_grads(ctx)
@@ -296,6 +313,7 @@ def _linear_logprobs_setup(ctx, inputs, output):
 
 
 def _linear_logprobs_bwd(ctx, grad_logp, grad_stats):
+    refuse_double_backward()
     hidden, weight, bias, labels, stats = ctx.saved_tensors
     need = ctx.needs_input_grad
     dh, dw, db = linear_logprobs_backward(grad_logp.contiguous(), hidden, weight, bias, labels, stats,
@@ -329,6 +347,7 @@ def _linear_wspo_setup(ctx, inputs, output):
 
 
 def _linear_wspo_bwd(ctx, grad_loss, *unused):
+    refuse_double_backward()
     if grad_loss is None:
         return (None,) * 11
     grads, reusable = _take_grads(ctx)

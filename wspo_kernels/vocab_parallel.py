@@ -168,6 +168,7 @@ class LogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp):
+        ops.refuse_double_backward()
         rows, lab, stats = ctx.saved_tensors
         grad = ops.logprobs_backward(grad_logp.contiguous(), rows, lab, stats, KERNEL_IGNORE, ctx.backend)
         return grad, None, None, None, None, None
@@ -190,6 +191,7 @@ class LinearLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp):
+        ops.refuse_double_backward()
         hidden, weight, bias, lab, stats = ctx.saved_tensors
         need = ctx.needs_input_grad
         dh, dw, db = ops.linear_logprobs_backward(grad_logp.contiguous(), hidden, weight, bias, lab, stats,
