@@ -396,10 +396,47 @@ def test_a_small_request_does_not_pin_the_cached_block():
     wk.empty_cache()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weak_vocab", [4096 + 3, 3 * 4096 + 1], ids=["weak-narrower", "weak-wider"])
+def test_pipelined_gradient_sweeps_change_nothing(capability, dtype, weak_vocab):
+    """Each row's gradient is written during the next row's statistics sweeps (kernels.cpp: PendingGrad):
+    bit for bit what the unpipelined order writes, whatever the frozen sweeps' lengths (weak models with a
+    narrower or wider vocabulary than the policy's), with ignored rows between counted ones, a block
+    without mass, and the last row of each thread's range finished after the loop."""
+    g = torch.Generator().manual_seed(weak_vocab)
+    vocab = 2 * 4096 + 7
+    policy = (torch.randn(3, 5, vocab, generator=g) * 4).to(dtype)
+    policy[0, 2, 4096:8192] = -float("inf")
+    ref = torch.randn(3, 5, vocab, generator=g).to(dtype)
+    weak = [torch.randn(3, 5, weak_vocab, generator=g).to(dtype) for _ in range(2)]
+    labels = make_labels((3, 5), 4096, generator=g, ignore_rows=(1,))
+    labels[0, 1] = -100
+    precomputed = [wk.token_logprobs(z, labels) for z in (ref, *weak)]
+    results = {}
+    try:
+        for pipelined in (True, False):
+            EXT.set_pipelined(pipelined)
+            for frozen, what in (((ref, *weak), "four logits"), (precomputed, "precomputed")):
+                x = policy.clone().requires_grad_()
+                out = wk.wspo_loss(x, labels, ref=frozen[0], weak_aligned=frozen[1], weak_base=frozen[2],
+                                   shift=False, reduction="sum", return_metrics=True, backend="native")
+                out.loss.backward()  # "sum": the fused kernel writes the gradient in its forward pass
+                results[pipelined, what] = (out.loss.detach(), out.policy_logps, x.grad)
+    finally:
+        EXT.set_pipelined(True)
+    for what in ("four logits", "precomputed"):
+        for a, b in zip(results[True, what], results[False, what]):
+            assert torch.equal(a, b), f"{what}: pipelined differs by {(a.float() - b.float()).abs().max()}"
+
+
 def test_kernel_benchmark_script_runs(capsys):
-    """benchmarks/native_kernels.py (kernel-only timings per copy) on a tiny shape: one row per copy and dtype."""
+    """benchmarks/native_kernels.py (kernel-only, interleaved) on a tiny shape: every copy, dtype and kernel,
+    the unpipelined A/B rows included."""
     import runpy
     script = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "native_kernels.py"))
-    script["main"](["--rows", "8", "--vocab", "300", "--repeat", "1"])
+    script["main"](["--rows", "8", "--vocab", "300", "--rounds", "2", "--ab"])
     out = capsys.readouterr().out
-    assert all(f"| {cap} (" in out for cap in COPIES) and out.count("bfloat16") == len(COPIES)
+    assert "interleaved, 2 rounds" in out and "% of binding floor" in out
+    for cap in COPIES:
+        for kernel in ("logprobs", "wspo_four", "wspo_rows", "wspo_four unpipelined", "wspo_rows unpipelined"):
+            assert out.count(f"| {cap} (") == 10 and f"| bfloat16 | {kernel} |" in out

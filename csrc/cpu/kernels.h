@@ -28,6 +28,7 @@ struct Job {
   Rows x;                      // logits (the policy's for wspo, the aligned model's for weak_log_ratio)
   Rows frozen[3];              // wspo_four: ref, aligned, base; weak_log_ratio: frozen[0] = base
   bool four = false;           // wspo: read `frozen` (else k is given)
+  bool pipelined = true;       // wspo: write each row's gradient during the next row's sweep (kernels.cpp)
   const Rows* grad = nullptr;  // gradient buffer (logprobs_backward, wspo), may alias x
   const int64_t* labels = nullptr;
   int64_t n = 0, ignore_index = -100;
@@ -45,8 +46,8 @@ struct Job {
 using RowKernel = void (*)(const Job&, int64_t begin, int64_t end, float* scratch);
 
 // Only wspo with a gradient keeps its exps in scratch (a row of fp32, see kernels.cpp: one exp per element).
-inline int64_t scratch_floats(const Job& j) {
-  return j.loss != nullptr && j.grad != nullptr ? j.x.vocab : 0;
+inline int64_t scratch_floats(const Job& j) {  // wspo with a gradient: two rows of kept exps (kernels.cpp)
+  return j.loss != nullptr && j.grad != nullptr ? 2 * j.x.vocab : 0;
 }
 
 struct KernelTable {

@@ -7,6 +7,7 @@
 // capped by the capability PyTorch itself uses (native.py passes torch.backends.cpu.get_cpu_capability(),
 // which honours ATEN_CPU_CAPABILITY).  Nothing compiled with AVX2 or AVX-512 flags runs before that
 // choice, and the choice never names an instruction set the CPU lacks.
+#include <atomic>
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -223,6 +224,10 @@ void check_label_range(const Job& j, const Rows& rows) {
   }
 }
 
+// Whether wspo pipelines its gradient sweeps (kernels.cpp, "pipelined gradient"); off only to measure
+// the lever (benchmarks/native_kernels.py --ab): the values are the same either way.
+std::atomic<bool> g_pipelined{true};
+
 // A job over `logits` rows with checked labels.
 Job job_for(const Tensor& logits, const Tensor& labels, int64_t ignore_index, const char* name) {
   TORCH_CHECK(labels.dim() == 1 && labels.scalar_type() == at::kLong && labels.is_contiguous() &&
@@ -233,6 +238,7 @@ Job job_for(const Tensor& logits, const Tensor& labels, int64_t ignore_index, co
   j.x = rows_of(logits, j.n, name);
   j.labels = labels.data_ptr<int64_t>();
   j.ignore_index = ignore_index;
+  j.pipelined = g_pipelined.load(std::memory_order_relaxed);
   check_label_range(j, j.x);
   return j;
 }
@@ -372,6 +378,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the vector exp of the kernels that run");
   m.def("stream_min_bytes", []() { return wspo_cpu::active().stream_min_bytes; },
         "gradients of at least this many bytes are written with streaming stores by the active copy (0: never)");
+  m.def("set_pipelined", [](bool on) { wspo_cpu::g_pipelined.store(on); },
+        "wspo: write each row's gradient during the next row's statistics sweep (default on; same values)");
   m.def("exp_rate", &wspo_cpu::exp_rate, "G exp/s of the active copy's vector exp on every thread", py::arg("repeats"));
   m.def("cached_empty_like", &wspo_cpu::cached_empty_like,
         "an uninitialised contiguous tensor like this one, from the gradient-buffer cache");
