@@ -15,7 +15,8 @@ per-round values from an interleaved run, never seconds (a machine's speed drift
 same rounds do not) and never the ratio to the official formulation (its time is mostly page faults).  A
 value fails when it drops below the baseline by more than its margin, and the margin comes from the spread
 the two runs measured: SPREAD_FACTOR x (relative interquartile range of the baseline + of the fresh run),
-at least MIN_MARGIN.  Peak memory (a fresh process per implementation) fails when it grows by more than
+at least MIN_MARGIN; one wider than NOISY_MARGIN is reported as too noisy to judge (``??``), not as a
+pass.  Peak memory (a fresh process per implementation) fails when it grows by more than
 SPREAD_FACTOR x (the step-to-step spread of both runs), at least max(MIN_MEMORY_MIB, MIN_MEMORY_SHARE of
 the baseline).  Exit status 1 on a regression.
 """
@@ -33,6 +34,7 @@ BASELINES = os.path.join(HERE, "results", "baselines")
 EXIT_OK, EXIT_REGRESSION, EXIT_USAGE, EXIT_NO_BASELINE = 0, 1, 2, 3
 SPREAD_FACTOR = 2.0
 MIN_MARGIN = 0.05
+NOISY_MARGIN = 0.5   # a margin wider than this judges nothing: reported as too noisy, not as a pass
 MIN_MEMORY_MIB, MIN_MEMORY_SHARE = 4.0, 0.02
 METRICS = (("exp_floor_fraction", "% of exp floor"), ("limit_fraction", "% of floor"),
            ("vs_best_peer", "x best peer"))
@@ -46,7 +48,7 @@ def _relative_spread(row, metric):
 def compare(baseline, fresh):
     """(failures, report lines) of ``fresh`` against ``baseline`` (both bench JSON dicts)."""
     old = {(r["case"], r["impl"]): r for r in baseline["rows"] if "median_s" in r}
-    failures, lines = [], []
+    failures, noisy, lines = [], [], []
     for r in fresh["rows"]:
         key = (r["case"], r["impl"])
         if not r["impl"].startswith("ours-") or "median_s" not in r or key not in old:
@@ -57,10 +59,13 @@ def compare(baseline, fresh):
                 continue
             margin = max(MIN_MARGIN, SPREAD_FACTOR * (_relative_spread(before, metric) + _relative_spread(r, metric)))
             ok = r[metric] >= before[metric] * (1 - margin)
-            lines.append(f"{'ok  ' if ok else 'FAIL'} {r['case']:<28} {r['impl']:<26} {label:<15} "
+            status = "ok  " if ok and margin <= NOISY_MARGIN else "FAIL" if not ok else "??  "
+            lines.append(f"{status} {r['case']:<28} {r['impl']:<26} {label:<15} "
                          f"{before[metric]:.3f} -> {r[metric]:.3f} (margin {margin:.0%})")
             if not ok:
                 failures.append((*key, metric))
+            elif margin > NOISY_MARGIN:
+                noisy.append((*key, metric))
         if before.get("peak_extra_mib") is not None and r.get("peak_extra_mib") is not None:
             spread = (before.get("peak_spread_mib") or 0.0) + (r.get("peak_spread_mib") or 0.0)
             margin = max(MIN_MEMORY_MIB, MIN_MEMORY_SHARE * before["peak_extra_mib"], SPREAD_FACTOR * spread)
@@ -69,7 +74,7 @@ def compare(baseline, fresh):
                          f"{before['peak_extra_mib']:.0f} -> {r['peak_extra_mib']:.0f} (margin {margin:.0f} MiB)")
             if not ok:
                 failures.append((*key, "peak_extra_mib"))
-    return failures, lines
+    return failures, noisy, lines
 
 
 def main(argv=None):
@@ -108,7 +113,7 @@ def main(argv=None):
         return EXIT_NO_BASELINE
     with open(path) as f:
         baseline = json.load(f)
-    failures, lines = compare(baseline, fresh)
+    failures, noisy, lines = compare(baseline, fresh)
     print(f"machine class {key}; baseline {path} (commit {baseline['info'].get('commit')}), "
           f"fresh run commit {fresh['info'].get('commit')}")
     print("\n".join(lines))
@@ -116,6 +121,9 @@ def main(argv=None):
         print("nothing to compare: no common (case, implementation) rows")
         return EXIT_REGRESSION
     print(f"{len(failures)} regression(s)")
+    if noisy:
+        print(f"{len(noisy)} comparison(s) marked ?? were too noisy to judge (margin above {NOISY_MARGIN:.0%}): "
+              "rerun with more rounds, e.g. --bench-args '--quick --repeat 9'")
     return EXIT_REGRESSION if failures else EXIT_OK
 
 

@@ -120,6 +120,12 @@ def test_check_margins_come_from_the_measured_spread(tmp_path, capsys):
     assert check.main(["--fresh", _write(tmp_path, "t.json", tight), "--baselines", baselines]) == 1
     out = capsys.readouterr().out
     assert "FAIL logits:1024x32000:fp32" in out and "x best peer" in out and "1 regression(s)" in out
+    # a run too noisy to judge (its IQR wider than the value's quarter) is neither a pass nor a regression
+    wild = _run(vs_best_peer=9.0, iqr=dict(vs_best_peer=[6.0, 12.0]))
+    capsys.readouterr()
+    assert check.main(["--fresh", _write(tmp_path, "w.json", wild), "--baselines", baselines]) == check.EXIT_OK
+    out = capsys.readouterr().out
+    assert "??   logits:1024x32000:fp32" in out and "1 comparison(s) marked ?? were too noisy" in out
     # memory: 125 MiB -> 140 MiB is beyond max(4 MiB, 2%, 2 x (1 + 1) MiB)
     grown = _run(peak_extra_mib=140.0)
     assert check.main(["--fresh", _write(tmp_path, "m.json", grown), "--baselines", baselines]) == 1

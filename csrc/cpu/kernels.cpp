@@ -283,17 +283,17 @@ struct Stats {  // a row's max m, sum s of exp(z - m), and that sum r without th
 
 // Software prefetch: the max sweep of block b+1 reads from memory with only as many cache lines in
 // flight as the out-of-order window (full of block b's exps) holds, so each step also prefetches
-// kPrefetchBytes further on, into L2 (prefetcht1): L2 tracks more misses in flight than L1, and the max
-// sweep's loads then hit L2.  Measured on Zen 4, 2 threads, [4096, 32000] fp32: into L1 at 2 KB ahead
-// (the earlier choice) logprobs ran at 59% of the exp floor and wspo_four at 45%; into L2 at 4 / 8 /
-// 16 KB ahead, 67 / 68 / 69% and 58 / 62 / 57% (bf16 rows, half the bytes, stay at 62-65%: bound by
-// the conversions, not by memory).  A prefetch never faults, so reaching past the row
-// (into the next one) is harmless.
+// kPrefetchBytes ahead, into L2 (prefetcht1), where more misses can be in flight than in L1.  Measured on
+// Zen 4, 2 threads, [4096, 32000], three processes per variant, interleaved rounds, against 2 KB ahead
+// into L1 (the earlier choice): fp32 logprobs 1.17x and wspo_four 1.26x faster; bf16 and the AVX2 copy
+// unchanged.  wspo_rows' time is bimodal from one process to the next under every variant tried (0.037
+// or 0.048-0.053 s fp32, tight within a process), so it could not tell them apart.  A prefetch never
+// faults, so reaching past the row (into the next one) is harmless.
 constexpr int64_t kCacheLine = 64;
 constexpr int64_t kPrefetchBytes = 8192;
+inline void prefetch(const char* p) { __builtin_prefetch(p, 0, 2); }  // locality 2: prefetcht1, into L2
 template <typename T>
 constexpr int64_t kStepBytes = RowIO<T>::kStep * static_cast<int64_t>(sizeof(T));
-inline void prefetch(const char* p) { __builtin_prefetch(p, 0, 2); }  // locality 2: prefetcht1, into L2
 
 // Whether n elements hold a NaN (the rare path of a block whose max came out -inf: see row_stats_impl).
 template <typename T>
