@@ -34,7 +34,7 @@ from . import checkpoints, storage
 from .config import ConfigError, format_help, parse_config  # noqa: F401  (re-exported for the CLI)
 from .data import IGNORE_INDEX, WSPODataCollator, build_example, encode_prompt_response
 from .formats import prompt_response, read_records
-from .model_io import context_limit
+from .model_io import PackingUnsupported, context_limit
 from .precompute import NonFiniteLogpsError
 from .trainer import NonFiniteError, NonFiniteWeightsError
 
@@ -371,10 +371,19 @@ def _save_final(trainer, result, w):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _trainer(policy, args, ds, eval_ds, tokenizer, cutoff, w, frozen):
+    from .trainer import WSPOTrainer
+    collator = WSPODataCollator(tokenizer.pad_token_id, max_length=cutoff, pad_to_multiple_of=8,
+                                padding_free=w.padding_free)
+    return WSPOTrainer(policy, args, train_dataset=ds, eval_dataset=eval_ds, gamma=w.pref_beta,
+                       processing_class=tokenizer, backend=w.backend, disable_dropout=w.disable_dropout,
+                       data_collator=collator, stop_on_nonfinite=w.stop_on_nonfinite, padding_free=w.padding_free,
+                       **frozen)
+
+
 def train_main(argv):
     from transformers import set_seed
 
-    from .trainer import WSPOTrainer
     config, tokenizer, cutoff, ds = _setup(argv, "wspo-kernels train")
     w, args = config.wspo, config.training
     numerics = frozen_numerics(w, args)
@@ -394,10 +403,10 @@ def train_main(argv):
         ds, eval_ds = split["train"], split["test"]
     set_seed(args.seed)  # before the policy and its adapters are built: reproducible LoRA initialisation
     policy = _policy(w, _dtype(args))
-    trainer = WSPOTrainer(policy, args, train_dataset=ds, eval_dataset=eval_ds, gamma=w.pref_beta,
-                          processing_class=tokenizer, backend=w.backend, disable_dropout=w.disable_dropout,
-                          data_collator=WSPODataCollator(tokenizer.pad_token_id, max_length=cutoff, pad_to_multiple_of=8),
-                          stop_on_nonfinite=w.stop_on_nonfinite, **frozen)
+    try:
+        trainer = _trainer(policy, args, ds, eval_ds, tokenizer, cutoff, w, frozen)
+    except PackingUnsupported as e:  # a model that cannot keep packed sequences apart: the config's to change
+        raise ConfigError(str(e)) from None
     try:
         result = trainer.train(resume_from_checkpoint=resume, overwrite_checkpoints=config.overwrite_output_dir)
         _save_final(trainer, result, w)

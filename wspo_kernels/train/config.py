@@ -58,6 +58,9 @@ class WSPOArguments:
                                   "output_dir/precomputed is fingerprinted and reused)")
     precompute_batch_size: int = _key(8, "batch size of the precompute pass")
     backend: Optional[str] = _key(None, "loss backend (auto, torch, native, triton)")
+    padding_free: bool = _key(False, "pack each micro-batch's rows into one sequence instead of padding them: "
+                                     "position_ids restart per row and the sequences never attend to each other "
+                                     "(alias: neat_packing; LLaMA-Factory's packing, which lets them, is refused)")
     stop_on_nonfinite: bool = _key(True, "stop training, before the optimizer step and saving nothing, when a step's "
                                          "loss or gradient norm is NaN / inf")
     precompute_dir: Optional[str] = _key(None, "the logps cache's directory (default: output_dir/precomputed); runs of "
@@ -72,7 +75,11 @@ class WSPOArguments:
 
 
 ALIASES = {"policy": "model_name_or_path", "ref": "ref_model", "weak_aligned": "weak_aligned_model",
-           "weak_base": "weak_base_model", "gamma": "pref_beta"}
+           "weak_base": "weak_base_model", "gamma": "pref_beta", "neat_packing": "padding_free"}
+# Official-recipe keys refused when true: what they do would silently change the method.
+REFUSED = {"packing": "packing: true (LLaMA-Factory) lets the sequences packed into one row attend to each other, "
+                      "which changes every logp WSPO regresses on: use padding_free: true (LLaMA-Factory's "
+                      "neat_packing), which packs them without cross-attention"}
 # Official-recipe keys that have no effect here (accepted so that its YAML runs unchanged).
 IGNORED = {"overwrite_cache": "the logps cache is fingerprinted and checksummed instead",
            "preprocessing_num_workers": "tokenisation runs in the main process"}
@@ -185,6 +192,10 @@ def _normalise(raw: dict) -> dict:
             raise ConfigError(f"key {key!r}: nested mappings are not keys here; keys are flat"
                               + (f" (did you mean {', '.join(hints)}?)" if hints else ""))
         if name in IGNORED and name not in training_fields:
+            continue
+        if name in REFUSED and name not in known:
+            if _truthy(value):
+                raise ConfigError(REFUSED[name])
             continue
         if name not in known:
             close = difflib.get_close_matches(key, sorted(known | set(ALIASES)), n=1)
@@ -363,6 +374,10 @@ def parse_config(argv, *, prog="wspo-kernels train", required=REQUIRED, paths=("
     if isinstance(t.resume_from_checkpoint, str) and t.resume_from_checkpoint.lower() in ("true", "false"):
         t.resume_from_checkpoint = t.resume_from_checkpoint.lower() == "true"  # True: the latest; False: start over
     _check_ranges(w, t)
+    from .trainer import groups_by_length
+    if w.padding_free and groups_by_length(t):
+        raise ConfigError("padding_free and group_by_length: group_by_length batches rows of similar lengths to cut "
+                          "padding; packed batches have none: drop group_by_length")
     check_writable_dir("output_dir", t.output_dir)
     for key in ("model_name_or_path", "ref_model", "weak_aligned_model", "weak_base_model"):
         if getattr(w, key):

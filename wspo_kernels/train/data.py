@@ -1,4 +1,5 @@
-"""Prompt/response data for WSPO: tokenisation with -100 on the prompt, the official truncation, padding.
+"""Prompt/response data for WSPO: tokenisation with -100 on the prompt, the official truncation, padding
+or packing.
 
 WSPO needs only the preferred (chosen / SFT) responses: there is no rejected half to compute.
 Precomputed frozen-model logps travel as the columns ``LOGPS_COLUMNS``, one value per position t of
@@ -98,20 +99,52 @@ def tokenize_prompt_response(tokenizer, prompt, response: str, *, max_length: Op
 
 
 class WSPODataCollator:
-    """Pads tokenised examples (and any precomputed logps columns) into a batch.
+    """Pads tokenised examples (and any precomputed logps columns) into a batch, or packs them.
 
     A row without a response token passes through as an all-ignored row: it contributes nothing and is
     left out of the loss's mean (drop such rows once, when the dataset is prepared; the CLI does).
     ``max_length`` truncates from the right (counted in ``truncated``); ``pad_to_multiple_of`` pads the
     sequence length as the official collator does (8), up to ``max_length``.
+
+    ``padding_free=True`` packs instead (``pack``): the rows are concatenated into one ``[1, N]`` row with
+    ``position_ids`` restarting at 0 for each, no attention mask, and ``cu_seqlens`` [B + 1] (int64) for
+    the fused loss; ``max_seqlen`` (an int) for FlashAttention's varlen kwargs, and ``grid_positions`` (the
+    ``B x (T - 1)`` positions the padded batch would have) for the official per-micro-batch metrics.
     """
 
     def __init__(self, pad_token_id: int, *, max_length: Optional[int] = None,
-                 pad_to_multiple_of: Optional[int] = None):
+                 pad_to_multiple_of: Optional[int] = None, padding_free: bool = False):
         self.pad_token_id = pad_token_id
         self.max_length = max_length
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.padding_free = padding_free
         self.truncated = 0
+
+    def _padded_length(self, rows):
+        T = max(len(r[0]) for r in rows)
+        if self.pad_to_multiple_of:  # never past max_length: a model's context may not be a multiple
+            T = -(-T // self.pad_to_multiple_of) * self.pad_to_multiple_of
+            T = T if self.max_length is None else min(T, self.max_length)
+        return T
+
+    def pack(self, rows):
+        """(ids, labels, logps) rows -> one packed row.  Precomputed logps (T_i - 1 values per row, one per
+        target) get a 0 at each row's last position, where a packed sequence has no target."""
+        ids = [t for r in rows for t in r[0]]
+        cu = [0]
+        for r in rows:
+            cu.append(cu[-1] + len(r[0]))
+        batch = {
+            "input_ids": torch.tensor([ids]),
+            "position_ids": torch.tensor([[p for r in rows for p in range(len(r[0]))]]),
+            "labels": torch.tensor([[t for r in rows for t in r[1]]]),
+            "cu_seqlens": torch.tensor(cu, dtype=torch.int64),
+            "max_seqlen": max(len(r[0]) for r in rows),
+            "grid_positions": len(rows) * (self._padded_length(rows) - 1),
+        }
+        for c in rows[0][2]:
+            batch[c] = torch.tensor([[v for r in rows for v in r[2][c] + [0.0]]], dtype=torch.float32)
+        return batch
 
     def __call__(self, features):
         rows = []
@@ -123,10 +156,9 @@ class WSPODataCollator:
                 ids, labels = ids[: self.max_length], labels[: self.max_length]
                 logps = {c: v[: self.max_length - 1] for c, v in logps.items()}
             rows.append((ids, labels, logps))
-        T = max(len(r[0]) for r in rows)
-        if self.pad_to_multiple_of:  # never past max_length: a model's context may not be a multiple
-            T = -(-T // self.pad_to_multiple_of) * self.pad_to_multiple_of
-            T = T if self.max_length is None else min(T, self.max_length)
+        if self.padding_free:
+            return self.pack(rows)
+        T = self._padded_length(rows)
         batch = {
             "input_ids": torch.tensor([r[0] + [self.pad_token_id] * (T - len(r[0])) for r in rows]),
             "attention_mask": torch.tensor([[1] * len(r[0]) + [0] * (T - len(r[0])) for r in rows]),

@@ -67,19 +67,92 @@ def _last_logits_kwarg(inner):
     return {}
 
 
-def lm_head_inputs(model, input_ids, attention_mask=None):
-    """(hidden [B, T, H], lm_head weight [V, H], bias [V] or None) for ``linear_*`` losses."""
+def lm_head_inputs(model, input_ids, attention_mask=None, *, longest=None, **packed):
+    """(hidden [B, T, H], lm_head weight [V, H], bias [V] or None) for ``linear_*`` losses.
+
+    ``packed``: ``packed_kwargs`` of a packed batch (position_ids restarting per sequence, and
+    FlashAttention's varlen kwargs where the model uses it), whose longest sequence (``longest``, an int)
+    is what the context limit holds against."""
     check_supported(model)
     inner = _unwrap(model)
     limit = context_limit(inner.config)
-    if limit and input_ids.shape[-1] > limit:
-        raise ValueError(f"{type(inner).__name__} takes {limit} positions, the batch has {input_ids.shape[-1]}: "
+    longest = longest or input_ids.shape[-1]
+    if limit and longest > limit:
+        raise ValueError(f"{type(inner).__name__} takes {limit} positions, the batch has {longest}: "
                          "truncate the rows (cutoff_len) first")
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False,
-                **_last_logits_kwarg(inner))
+                **packed, **_last_logits_kwarg(inner))
     head = inner.get_output_embeddings()
     _unshard_for_loss(inner, head)
     return out.hidden_states[-1], head.weight, getattr(head, "bias", None)
+
+
+# ------------------------------------------------------------------------------------------ packed batches
+# A packed batch is one row of several sequences; what keeps them apart is the model's business:
+# transformers builds a block-diagonal causal mask from position_ids that restart at 0 (sdpa, eager, on
+# any device; masking_utils.find_packed_sequence_indices) when no attention mask is given, and the
+# FlashAttention implementations take the boundaries as varlen kwargs.  Layers that are not attention
+# (convolutions, linear attention, state-space layers) carry state across a boundary regardless.
+_VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
+
+
+def attention_implementation(model) -> str:
+    return str(getattr(_unwrap(model).config, "_attn_implementation", None) or "eager")
+
+
+def packed_kwargs(model, position_ids, cu_seqlens, max_seqlen):
+    """The forward kwargs of a packed batch for ``model``: position_ids, and FlashAttention's varlen kwargs
+    (``cu_seq_lens_q/k`` int32, ``max_length_q/k``) where the model runs a FlashAttention implementation."""
+    kwargs = {"position_ids": position_ids}
+    implementation = attention_implementation(model)
+    if implementation in _VARLEN_IMPLEMENTATIONS or implementation.endswith("flash-attn") \
+            or implementation.endswith("flash-attn3"):  # the Hub kernels' names
+        cu = cu_seqlens.to(device=position_ids.device, dtype=torch.int32)
+        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_seqlen, max_length_k=max_seqlen)
+    return kwargs
+
+
+class PackingUnsupported(ValueError):
+    """A model that lets packed sequences see each other."""
+
+
+def check_keeps_boundaries(model, name: str) -> None:
+    """Refuse a model that lets the sequences of a packed row see each other, before it trains on one.
+
+    A probe, not a list of architectures: two packed rows [a, c] and [a', c] (a and a' different tokens,
+    the same length) must give c the same logits; any attention implementation, convolution, linear
+    attention or recurrent state that carries information across the boundary changes them.  One tiny
+    forward pass of eight tokens each, without gradients, in eval mode (dropout off)."""
+    inner = _unwrap(model)
+    try:
+        device = next(inner.parameters()).device
+    except StopIteration:
+        return
+    vocab = inner.get_output_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    first, second, shared = (torch.randint(1, vocab, (4,), generator=g) for _ in range(3))
+    positions = torch.arange(4).repeat(2)[None].to(device)
+    cu = torch.tensor([0, 4, 8])
+    kwargs = packed_kwargs(inner, positions, cu, 4)
+    was_training = inner.training
+    inner.eval()
+    try:
+        with torch.no_grad():
+            logits = [inner(input_ids=torch.cat([a, shared])[None].to(device), use_cache=False, **kwargs).logits[0, 4:]
+                      for a in (first, second)]
+    except TypeError as e:  # a forward without position_ids cannot be told where a sequence starts
+        raise PackingUnsupported(f"padding_free: {name} ({type(inner).__name__}) does not take position_ids ({e}): "
+                                 "train it with padded batches (padding_free: false)") from None
+    finally:
+        inner.train(was_training)
+    if not torch.allclose(logits[0].float(), logits[1].float(), rtol=1e-3, atol=1e-4):
+        leak = (logits[0].float() - logits[1].float()).abs().max().item()
+        raise PackingUnsupported(
+            f"padding_free: {name} ({type(inner).__name__}, attn_implementation={attention_implementation(inner)}) "
+            f"lets packed sequences see each other (a sequence's logits moved by {leak:.3g} when its packed "
+            "neighbour changed): train it with padded batches (padding_free: false)"
+            + ("" if attention_implementation(inner) in ("sdpa", "eager") + _VARLEN_IMPLEMENTATIONS
+               else ", or load it with attn_implementation sdpa, eager or flash_attention_2"))
 
 
 @contextlib.contextmanager

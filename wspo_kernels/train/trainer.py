@@ -12,6 +12,13 @@
 - Tensor-parallel heads (``vocab_group``): when each rank's lm_head (a ``ColumnParallelLinear``-style
   layer) holds a contiguous shard of the vocabulary, pass its process group; the loss combines the
   shards (``wspo_kernels.vocab_parallel``), frozen heads may be sharded the same way or precomputed.
+- Padding-free batches (``padding_free=True``, TRL's and LLaMA-Factory's ``neat_packing``): each
+  micro-batch's rows are packed into one row (``WSPODataCollator(padding_free=True)``), kept apart by
+  position_ids that restart at 0 (transformers then builds a block-diagonal causal mask: sdpa, eager) or
+  by FlashAttention's varlen kwargs, and handed to the loss with ``cu_seqlens``.  No attention mask, no
+  padded positions.  Every model is probed once when the trainer is built (``check_keeps_boundaries``)
+  and refused if packed sequences can see each other.  The normaliser and every metric keep their
+  meaning (the official per-micro-batch means divide by the grid the rows would have padded to).
 - Dropout is disabled in the policy and every frozen model (``disable_dropout=True``, as the official
   trainer does): two evaluations of one batch give one loss.
 - Logged metrics: loss, mean Δs (strong log-ratio), mean Δw (weak log-ratio), the implicit reward
@@ -46,7 +53,8 @@ from .. import linear_wspo_loss
 from .._inputs import check_gamma
 from . import checkpoints, storage
 from .data import IGNORE_INDEX, LOGPS_COLUMNS, WSPODataCollator
-from .model_io import check_supported, disable_dropout_in, gathered_for_loss, lm_head_inputs
+from .model_io import (check_keeps_boundaries, check_supported, disable_dropout_in, gathered_for_loss, lm_head_inputs,
+                       packed_kwargs)
 
 ROLES = ("ref", "weak_aligned", "weak_base")
 METRICS = ("tokens", "delta_strong", "delta_weak", "policy_logps", "micro_batches", "grid_logps")
@@ -94,21 +102,39 @@ class _Guard(TrainerCallback):
         on_step_end = on_pre_optimizer_step
 
 
-def count_sequences(labels: torch.Tensor) -> int:
-    """Sequences with at least one response token after the causal shift (the mean's B')."""
-    return int(((labels[:, 1:] != IGNORE_INDEX).sum(-1) > 0).sum())
+def count_sequences(labels: torch.Tensor, cu_seqlens=None) -> int:
+    """Sequences with at least one response token after the causal shift (the mean's B'); of a packed
+    batch (``cu_seqlens``) each sequence's first token is never a target."""
+    if cu_seqlens is None:
+        return int(((labels[:, 1:] != IGNORE_INDEX).sum(-1) > 0).sum())
+    cu = cu_seqlens.long()
+    target = labels.reshape(-1) != IGNORE_INDEX
+    target[cu[:-1][cu[:-1] < target.numel()]] = False
+    seq = torch.repeat_interleave(torch.arange(cu.numel() - 1), cu[1:] - cu[:-1])
+    return int((torch.zeros(cu.numel() - 1).index_add_(0, seq, target.float()) > 0).sum())
+
+
+def groups_by_length(args) -> bool:
+    """``group_by_length`` (transformers < 5) or ``train_sampling_strategy: group_by_length`` (5 and later)."""
+    return bool(getattr(args, "group_by_length", False)) or getattr(args, "train_sampling_strategy", None) == \
+        "group_by_length"
 
 
 class WSPOTrainer(Trainer):
     def __init__(self, model=None, args=None, *, gamma=0.1, ref_model=None, weak_aligned_model=None,
                  weak_base_model=None, backend=None, data_collator=None, disable_dropout=True, vocab_group=None,
-                 stop_on_nonfinite=True, **kwargs):
+                 stop_on_nonfinite=True, padding_free=False, **kwargs):
         if args is not None:
             args.remove_unused_columns = False  # the precomputed logps columns must reach compute_loss
+        if padding_free and groups_by_length(args):
+            raise ValueError("padding_free: group_by_length batches rows of similar lengths to cut padding; packed "
+                             "batches have none, and sorting changes which rows share an optimizer step: drop one")
+        if padding_free and isinstance(data_collator, WSPODataCollator) and not data_collator.padding_free:
+            raise ValueError("padding_free: the data_collator pads: pass WSPODataCollator(..., padding_free=True)")
         if data_collator is None:
             pad = getattr(kwargs.get("processing_class"), "pad_token_id", None)
             pad = pad if pad is not None else getattr(getattr(model, "config", None), "pad_token_id", None)
-            data_collator = WSPODataCollator(pad if pad is not None else 0)
+            data_collator = WSPODataCollator(pad if pad is not None else 0, padding_free=padding_free)
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
         self.args.remove_unused_columns = False  # also the default arguments Trainer made for args=None
         check_supported(model)
@@ -130,6 +156,12 @@ class WSPOTrainer(Trainer):
             for m in (model, *self.frozen_models.values()):
                 if m is not None:
                     disable_dropout_in(m)
+        self.padding_free = padding_free
+        if padding_free:  # before any step: a model that lets packed sequences see each other is refused
+            check_keeps_boundaries(model, "the policy")
+            for role, m in self.frozen_models.items():
+                if m is not None:
+                    check_keeps_boundaries(m, f"the {role} model")
         self._num_sequences = None       # global sequence count of the current optimizer step
         self._hold_gathered = None       # training_step's stack of ZeRO-3 gathers, held through the backward
         self._metrics = {"train": defaultdict(float), "eval": defaultdict(float)}
@@ -145,7 +177,7 @@ class WSPOTrainer(Trainer):
     # ------------------------------------------------------------------ normalisation
     def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
-        n = sum(count_sequences(b["labels"]) for b in batch_samples)
+        n = sum(count_sequences(b["labels"], b.get("cu_seqlens")) for b in batch_samples)
         if self.args.world_size > 1:
             n = int(self.accelerator.gather(torch.tensor([n], device=self.args.device)).sum())
         self._num_sequences = n
@@ -327,34 +359,58 @@ class WSPOTrainer(Trainer):
         with torch.no_grad():
             if adapters_off is not None:
                 with adapters_off():
-                    parts = lm_head_inputs(frozen, inputs["input_ids"], inputs.get("attention_mask"))
+                    parts = self._lm_head_inputs(frozen, inputs)
             else:
-                parts = lm_head_inputs(frozen, inputs["input_ids"], inputs.get("attention_mask"))
+                parts = self._lm_head_inputs(frozen, inputs)
         hidden, weight, bias = parts
         return (hidden, weight) if bias is None else (hidden, weight, bias)
 
+    def _lm_head_inputs(self, model, inputs):
+        """``lm_head_inputs`` of a padded batch (with its attention mask), or of a packed one (its sequences
+        kept apart by restarting position_ids or FlashAttention's varlen kwargs; hidden states ``[N, H]``)."""
+        if "cu_seqlens" not in inputs:
+            if self.padding_free:
+                raise ValueError("padding_free: the batch is not packed (no cu_seqlens): use "
+                                 "WSPODataCollator(..., padding_free=True)")
+            return lm_head_inputs(model, inputs["input_ids"], inputs.get("attention_mask"))
+        if inputs.get("attention_mask") is not None:
+            raise ValueError("padding_free: a packed batch carries an attention_mask; its sequences are kept apart by "
+                             "the position_ids that restart at 0 (and cu_seqlens): drop the mask")
+        hidden, weight, bias = lm_head_inputs(
+            model, inputs["input_ids"], longest=inputs["max_seqlen"],
+            **packed_kwargs(model, inputs["position_ids"], inputs["cu_seqlens"], inputs["max_seqlen"]))
+        return hidden.reshape(-1, hidden.shape[-1]), weight, bias
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        hidden, weight, bias = lm_head_inputs(model, inputs["input_ids"], inputs.get("attention_mask"))
+        hidden, weight, bias = self._lm_head_inputs(model, inputs)
         frozen = {role: self._frozen(role, model, inputs) for role in ROLES}
+        labels, packed = inputs["labels"], {}
+        if "cu_seqlens" in inputs:  # one row of packed sequences: flat [N] labels, logps and hidden states
+            labels, packed = labels.reshape(-1), {"cu_seqlens": inputs["cu_seqlens"]}
+            frozen = {role: f.reshape(-1) if isinstance(f, torch.Tensor) else f for role, f in frozen.items()}
         heads = [weight, bias] + [t for f in frozen.values() if isinstance(f, tuple) for t in f[1:]]
         with contextlib.ExitStack() as here:  # ZeRO-3: heads are partitioned outside their modules' forward
             (self._hold_gathered or here).enter_context(gathered_for_loss(heads))
-            out = linear_wspo_loss(hidden, weight, inputs["labels"], bias=bias, gamma=self.gamma,
+            out = linear_wspo_loss(hidden, weight, labels, bias=bias, gamma=self.gamma,
                                    normalizer=self._normalizer(model), return_metrics=True, backend=self.backend,
-                                   vocab_group=self.vocab_group, **frozen)
-        self._record(out, "train" if model.training else "eval")
+                                   vocab_group=self.vocab_group, **packed, **frozen)
+        self._record(out, "train" if model.training else "eval", inputs.get("grid_positions"))
         return (out.loss, {"policy_logps": out.policy_logps}) if return_outputs else out.loss
 
     # ------------------------------------------------------------------ metrics
-    def _record(self, out, split):
-        """Running sums on the device (no host sync per step); read once per log()."""
+    def _record(self, out, split, grid_positions=None):
+        """Running sums on the device (no host sync per step); read once per log().  The official metrics
+        are means over the padded [B, T-1] grid: a packed batch divides by the grid its rows would pad to."""
         store = self._metrics[split]
         store["tokens"] += out.mask.sum()
         store["delta_strong"] += out.strong_log_ratio.sum()   # the metrics are 0 on ignored tokens
         store["delta_weak"] += out.weak_log_ratio.sum()
         store["policy_logps"] += out.policy_logps.sum()
         store["micro_batches"] += 1
-        store["grid_logps"] += out.policy_logps.mean() if out.policy_logps.numel() else out.loss.new_zeros(())
+        if grid_positions is not None:
+            store["grid_logps"] += out.policy_logps.sum() / max(grid_positions, 1)
+        else:
+            store["grid_logps"] += out.policy_logps.mean() if out.policy_logps.numel() else out.loss.new_zeros(())
 
     def log(self, logs, *args, **kwargs):
         split = "train" if self.model.training else "eval"
