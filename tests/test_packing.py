@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from wspo_kernels.train import WSPODataCollator, WSPOTrainer, precompute_logps  # noqa: E402
 from wspo_kernels.train.config import ConfigError, parse_config  # noqa: E402
 from wspo_kernels.train.model_io import PackingUnsupported, check_keeps_boundaries  # noqa: E402
+from wspo_kernels.train.precompute import length_batches  # noqa: E402
 from wspo_kernels.train.trainer import count_sequences  # noqa: E402
 from train_fixtures import (VOCAB, examples, free_port, frozen_models, save_tiny_checkpoints, tiny,  # noqa: E402
                             write_config)
@@ -80,16 +81,21 @@ def test_packed_sequences_never_attend_to_each_other(kind, attn):
     check_keeps_boundaries(m, "the policy")  # the trainer's probe passes
 
 
-def test_a_model_that_leaks_across_the_boundary_is_refused(tmp_path):
-    """Without the mask (a model that ignores where a sequence starts) the probe sees the leak."""
-    m = tiny(0)
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_a_model_that_leaks_across_the_boundary_is_refused(tmp_path, attn):
+    """A model that ignores where a sequence starts: the probe sees the leak (eager: transformers' plain
+    causal mask over the whole row), or the packed attention's refusal (sdpa: no boundaries reach it)."""
+    m = tiny(0, attn_implementation=attn)
     real_forward = m.forward
 
-    def ignores_positions(*a, position_ids=None, **kw):  # the plain causal mask over the whole packed row
+    def ignores_boundaries(*a, position_ids=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None,
+                           max_length_k=None, **kw):  # the plain causal mask over the whole packed row
         return real_forward(*a, **kw)
-    m.forward = ignores_positions
-    with pytest.raises(PackingUnsupported, match=r"the policy \(LlamaForCausalLM, attn_implementation=.*\) lets "
-                                                 r"packed sequences see each other.*padding_free: false"):
+    m.forward = ignores_boundaries
+    message = (r"the policy \(LlamaForCausalLM, attn_implementation=eager\) lets packed sequences see each other"
+               if attn == "eager" else r"the policy \(LlamaForCausalLM\) cannot run a packed row \(ValueError: "
+               r"wspo_varlen_sdpa runs packed rows only")
+    with pytest.raises(PackingUnsupported, match=message + ".*padding_free: false"):
         WSPOTrainer(m, args(tmp_path), padding_free=True, **frozen_models())
     WSPOTrainer(m, args(tmp_path), **frozen_models())  # padded batches need no boundaries
 
@@ -185,6 +191,44 @@ def test_packed_data_parallel_equals_padded_one_process(tmp_path):
         torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
 
 
+# ------------------------------------------------------------------------------------------ precompute
+def test_length_batches_sort_and_respect_the_budget():
+    lengths = [5, 40, 7, 38, 6, 39, 3]
+    batches = length_batches(lengths, batch_tokens=80, max_rows=8)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert batches[0] == [1, 5] and all(len(b) * max(lengths[i] for i in b) <= 80 for b in batches)
+    assert length_batches(lengths, batch_tokens=1000, max_rows=3) == [[1, 5, 3], [2, 4, 0], [6]]
+
+
+def test_precompute_in_length_sorted_batches_writes_back_in_order(tmp_path):
+    """Longest first in token-budget batches: the same logps as the dataset's order in fixed batches, row by
+    row, and far less padding."""
+    frozen = frozen_models()
+    rows = examples(20, seed=4)
+    ds = datasets.Dataset.from_list(rows)
+    before = precompute_logps(ds, **frozen, batch_size=4, progress=False)
+    after = precompute_logps(ds, **frozen, batch_size=8, batch_tokens=32, shard_size=16, progress=False)
+    for column in ("ref_logps", "weak_aligned_logps", "weak_base_logps"):
+        for a, b in zip(before[column], after[column]):
+            torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=1e-6)
+    lengths = [len(r["input_ids"]) for r in rows]
+    padded = lambda batches: sum(len(b) * max(lengths[i] for i in b) for b in batches)  # noqa: E731
+    in_order = [list(range(b, min(20, b + 4))) for b in range(0, 20, 4)]
+    assert padded(length_batches(lengths, 32, 8)) < padded(in_order)
+
+
+def test_a_token_budget_smaller_than_a_row_is_refused_before_any_model_runs(tmp_path):
+    class Exploding(torch.nn.Module):
+        def __getattr__(self, name):
+            raise AssertionError("a model ran")
+    ds = datasets.Dataset.from_list(examples(6))
+    longest = max(len(r["input_ids"]) for r in examples(6))
+    with pytest.raises(ValueError, match=rf"batch_tokens=3 is smaller than the longest row \({longest} tokens\)"):
+        precompute_logps(ds, ref_model=Exploding(), batch_tokens=3, progress=False)
+    with pytest.raises(ValueError, match="batch_tokens must be a positive number of tokens"):
+        precompute_logps(ds, ref_model=Exploding(), batch_tokens=0, progress=False)
+
+
 # ------------------------------------------------------------------------------------------ bad input
 def test_padding_free_bad_input_is_refused_before_any_model_runs(tmp_path):
     frozen = frozen_models()
@@ -216,6 +260,8 @@ def test_config_keys(tmp_path):
                  else "group_by_length=true")
     with pytest.raises(ConfigError, match="padding_free and group_by_length"):
         parse("padding_free=true", by_length)
+    with pytest.raises(ConfigError, match=r"precompute_batch_tokens \(64\) is smaller than cutoff_len \(128\)"):
+        parse("precompute_batch_tokens=64", "cutoff_len=128")
 
 
 def test_the_cli_trains_the_same_packed(tmp_path, monkeypatch):

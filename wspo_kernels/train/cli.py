@@ -264,6 +264,7 @@ def _precomputed_dataset(config, tokenizer, ds, cache):
         try:
             out = precompute_logps(ds, ref_model=models.get("ref"), weak_aligned_model=models.get("weak_aligned"),
                                    weak_base_model=models.get("weak_base"), batch_size=w.precompute_batch_size,
+                                   batch_tokens=w.precompute_batch_tokens,
                                    output_dir=cache, pad_token_id=tokenizer.pad_token_id,
                                    model_ids=ids if all(ids.values()) else None, model_names=sources,
                                    autocast_dtype=autocast, backend=w.backend, log=_say)

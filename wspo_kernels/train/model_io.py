@@ -80,8 +80,9 @@ def lm_head_inputs(model, input_ids, attention_mask=None, *, longest=None, **pac
     if limit and longest > limit:
         raise ValueError(f"{type(inner).__name__} takes {limit} positions, the batch has {longest}: "
                          "truncate the rows (cutoff_len) first")
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False,
-                **packed, **_last_logits_kwarg(inner))
+    with packed_attention(model) if packed else contextlib.nullcontext():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False,
+                    **packed, **_last_logits_kwarg(inner))
     head = inner.get_output_embeddings()
     _unshard_for_loss(inner, head)
     return out.hidden_states[-1], head.weight, getattr(head, "bias", None)
@@ -93,7 +94,41 @@ def lm_head_inputs(model, input_ids, attention_mask=None, *, longest=None, **pac
 # any device; masking_utils.find_packed_sequence_indices) when no attention mask is given, and the
 # FlashAttention implementations take the boundaries as varlen kwargs.  Layers that are not attention
 # (convolutions, linear attention, state-space layers) carry state across a boundary regardless.
+#
+# That mask costs sdpa the whole N x N score matrix of the packed row (N = the micro-batch's tokens), more
+# than the padded batch's B x T x T: on a CPU, a micro-batch of 8 UltraFeedback-like rows spent 58% of its
+# step there and packing gained nothing.  So under sdpa the packed forward runs ``varlen_sdpa_attention``
+# instead (registered with transformers' AttentionInterface, switched in only for that forward): one causal
+# sdpa call per sequence, sum(L_i^2) work, the same values.
 _VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
+VARLEN_SDPA = "wspo_varlen_sdpa"
+
+
+def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                          cu_seq_lens_q=None, **kwargs):
+    """transformers' attention-function interface for one packed row: query ``[1, Hq, N, D]``, key and value
+    ``[1, Hkv, N, D]`` -> ``[1, N, Hq, D]``, each sequence of ``cu_seq_lens_q`` attending causally to itself."""
+    if cu_seq_lens_q is None or query.shape[0] != 1:
+        raise ValueError(f"{VARLEN_SDPA} runs packed rows only (one row and cu_seq_lens_q)")
+    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
+        raise NotImplementedError(f"{VARLEN_SDPA}: sliding-window and soft-capped attention are not supported")
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: each key / value head serves `groups` query heads
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    bounds = cu_seq_lens_q.tolist()
+    p = dropout if module.training else 0.0
+    parts = [torch.nn.functional.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
+                                                              dropout_p=p, is_causal=True, scale=scaling)
+             for a, b in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+try:  # transformers >= 4.48; before it, sdpa keeps transformers' own packed handling (or the probe refuses it)
+    from transformers import AttentionInterface
+    AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
+    _HAVE_VARLEN_SDPA = True
+except ImportError:
+    _HAVE_VARLEN_SDPA = False
 
 
 def attention_implementation(model) -> str:
@@ -101,15 +136,31 @@ def attention_implementation(model) -> str:
 
 
 def packed_kwargs(model, position_ids, cu_seqlens, max_seqlen):
-    """The forward kwargs of a packed batch for ``model``: position_ids, and FlashAttention's varlen kwargs
-    (``cu_seq_lens_q/k`` int32, ``max_length_q/k``) where the model runs a FlashAttention implementation."""
+    """The forward kwargs of a packed batch for ``model``: position_ids, and the varlen kwargs
+    (``cu_seq_lens_q/k`` int32, ``max_length_q/k``) where the model runs FlashAttention or sdpa (which
+    ``packed_attention`` then swaps for ``varlen_sdpa_attention``)."""
     kwargs = {"position_ids": position_ids}
     implementation = attention_implementation(model)
     if implementation in _VARLEN_IMPLEMENTATIONS or implementation.endswith("flash-attn") \
-            or implementation.endswith("flash-attn3"):  # the Hub kernels' names
+            or implementation.endswith("flash-attn3") or (implementation == "sdpa" and _HAVE_VARLEN_SDPA):
         cu = cu_seqlens.to(device=position_ids.device, dtype=torch.int32)
         kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_seqlen, max_length_k=max_seqlen)
     return kwargs
+
+
+@contextlib.contextmanager
+def packed_attention(model):
+    """For the forward of a packed row: sdpa becomes ``varlen_sdpa_attention`` (the config is restored after
+    it, so nothing saved names it)."""
+    config = _unwrap(model).config
+    if attention_implementation(model) != "sdpa" or not _HAVE_VARLEN_SDPA:
+        yield
+        return
+    config._attn_implementation = VARLEN_SDPA
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
 
 
 class PackingUnsupported(ValueError):
@@ -137,12 +188,12 @@ def check_keeps_boundaries(model, name: str) -> None:
     was_training = inner.training
     inner.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), packed_attention(inner):
             logits = [inner(input_ids=torch.cat([a, shared])[None].to(device), use_cache=False, **kwargs).logits[0, 4:]
                       for a in (first, second)]
-    except TypeError as e:  # a forward without position_ids cannot be told where a sequence starts
-        raise PackingUnsupported(f"padding_free: {name} ({type(inner).__name__}) does not take position_ids ({e}): "
-                                 "train it with padded batches (padding_free: false)") from None
+    except (TypeError, ValueError) as e:  # a forward that does not take (or pass on) the sequences' boundaries
+        raise PackingUnsupported(f"padding_free: {name} ({type(inner).__name__}) cannot run a packed row "
+                                 f"({type(e).__name__}: {e}): train it with padded batches (padding_free: false)") from None
     finally:
         inner.train(was_training)
     if not torch.allclose(logits[0].float(), logits[1].float(), rtol=1e-3, atol=1e-4):

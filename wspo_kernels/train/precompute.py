@@ -205,7 +205,7 @@ def _counted(labels):
     return labels[:, 1:] != IGNORE_INDEX
 
 
-def _shard_logps(models, rows, collate, device, backend, autocast_dtype=None, names=None, first_row=0):
+def _shard_logps(models, rows, collate, device, backend, autocast_dtype=None, names=None, row_numbers=None):
     batch = collate(rows)
     lengths = [len(r["input_ids"]) - 1 for r in rows]
     ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
@@ -221,16 +221,54 @@ def _shard_logps(models, rows, collate, device, backend, autocast_dtype=None, na
                 name = f" ({names[role]})" if names and names.get(role) else ""
                 raise NonFiniteLogpsError(
                     f"{role}{name} gives non-finite logps for {bad} of {int(counted.sum())} tokens in rows "
-                    f"{first_row}-{first_row + len(rows) - 1}: its weights hold NaN / inf, or it overflows in this "
+                    f"{_row_list(row_numbers or range(len(rows)))}: its weights hold NaN / inf, or it overflows in this "
                     "dtype; nothing was stored")
             out[LOGPS_COLUMNS[role]] = [lp[:n].tolist() for lp, n in zip(logps.float().cpu(), lengths)]
     return out
 
 
+def length_batches(lengths, batch_tokens, max_rows=None):
+    """Row indices (into ``lengths``) in batches of similar lengths: longest first, each batch as many rows
+    as fit ``batch_tokens`` padded tokens (rows x its longest row), at most ``max_rows``.  Sorting is what
+    removes the padding: a batch pads only to its own longest row, which the next-longest rows nearly reach."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, current = [], []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and ((len(current) + 1) * longest > batch_tokens or (max_rows and len(current) >= max_rows)):
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + ([current] if current else [])
+
+
+def check_batch_tokens(dataset, batch_tokens, key="batch_tokens"):
+    """Every row must fit a batch on its own: else a clear error naming the key, before any model runs."""
+    if batch_tokens is None:
+        return
+    if not isinstance(batch_tokens, int) or batch_tokens < 1:
+        raise ValueError(f"{key} must be a positive number of tokens, got {batch_tokens!r}")
+    longest = max((len(ids) for ids in dataset["input_ids"]), default=0)
+    if longest > batch_tokens:
+        raise ValueError(f"{key}={batch_tokens} is smaller than the longest row ({longest} tokens): a row must fit a "
+                         f"batch on its own; raise {key} to at least {longest} (or cut the rows: cutoff_len)")
+
+
+def _row_list(numbers):
+    numbers = sorted(numbers)
+    return ", ".join(map(str, numbers[:8])) + (f" and {len(numbers) - 8} more" if len(numbers) > 8 else "")
+
+
 def precompute_logps(dataset, *, ref_model=None, weak_aligned_model=None, weak_base_model=None, batch_size=8,
                      shard_size=256, output_dir=None, resume=True, pad_token_id=0, backend=None, device=None,
-                     progress=True, model_ids=None, model_names=None, autocast_dtype=None, log=storage.say):
+                     progress=True, model_ids=None, model_names=None, autocast_dtype=None, log=storage.say,
+                     batch_tokens=None):
     """``dataset`` (input_ids, labels) plus one logps column per model; saved under ``output_dir``.
+
+    Each shard's rows run longest first in batches of similar lengths (``length_batches``), up to
+    ``batch_tokens`` padded tokens and ``batch_size`` rows per batch (``batch_tokens=None``: ``batch_size``
+    rows in the dataset's order, as before), under ``torch.inference_mode()``; the logps are written back
+    in the dataset's order.
 
     ``model_ids`` ({role: str}, roles as in ``LOGPS_COLUMNS``) names the models in the cache's
     fingerprint; by default ``model_fingerprint`` of each (and ``autocast_dtype``).  A role whose model
@@ -244,10 +282,12 @@ def precompute_logps(dataset, *, ref_model=None, weak_aligned_model=None, weak_b
               if m is not None}
     if not models and not model_ids:
         raise ValueError("precompute_logps needs at least one of ref_model, weak_aligned_model, weak_base_model")
+    check_batch_tokens(dataset, batch_tokens)
     for m in models.values():
         m.eval()
     device = torch.device(device) if device is not None else next(iter(models.values())).device if models else None
-    run = dict(dataset=dataset, batch_size=batch_size, shard_size=shard_size, pad_token_id=pad_token_id,
+    run = dict(dataset=dataset, batch_size=batch_size, batch_tokens=batch_tokens, shard_size=shard_size,
+               pad_token_id=pad_token_id,
                backend=backend, device=device, progress=progress, names=model_names, autocast_dtype=autocast_dtype,
                log=log)
     if not output_dir:
@@ -306,8 +346,8 @@ def cached_roles(dataset, output_dir, *, model_ids, shard_size=256, log=storage.
     return {r for r in model_ids if reused is not None and LOGPS_COLUMNS[r] in reused.column_names}
 
 
-def _precompute(*, models, dataset, batch_size, shard_size, pad_token_id, backend, device, progress, names,
-                autocast_dtype, log, output_dir, wanted, reused):
+def _precompute(*, models, dataset, batch_size, batch_tokens, shard_size, pad_token_id, backend, device, progress,
+                names, autocast_dtype, log, output_dir, wanted, reused):
     from datasets import Dataset, Features, Sequence, Value, concatenate_datasets
     from tqdm.auto import tqdm
 
@@ -324,12 +364,18 @@ def _precompute(*, models, dataset, batch_size, shard_size, pad_token_id, backen
             shard = (found[0].select_columns(columns_of(models))
                      if found and set(columns_of(models)) <= set(found[0].column_names) else None)
             if shard is None:
-                columns = {c: [] for c in columns_of(models)}
-                for b in range(lo, hi, batch_size):
-                    rows = [dataset[i] for i in range(b, min(hi, b + batch_size))]
-                    for c, values in _shard_logps(models, rows, collate, device, backend, autocast_dtype, names,
-                                                  b).items():
-                        columns[c].extend(values)
+                rows = dataset.select(range(lo, hi))
+                if batch_tokens is None:
+                    batches = [list(range(b, min(hi - lo, b + batch_size))) for b in range(0, hi - lo, batch_size)]
+                else:
+                    batches = length_batches([len(ids) for ids in rows["input_ids"]], batch_tokens, batch_size)
+                columns = {c: [None] * (hi - lo) for c in columns_of(models)}
+                for batch in batches:
+                    values = _shard_logps(models, [rows[i] for i in batch], collate, device, backend, autocast_dtype,
+                                          names, [lo + i for i in batch])
+                    for c, per_row in values.items():
+                        for i, v in zip(batch, per_row):
+                            columns[c][i] = v  # back in the dataset's order
                 shard = Dataset.from_dict(columns, features=Features({c: Sequence(Value("float32")) for c in columns}))
                 if path:
                     _save_verified(shard, path, wanted, f"shard {s} of the logps cache")
