@@ -13,8 +13,9 @@ Checks (every GPU backend: triton, native CUDA, torch; bf16, fp16, fp32; float64
 Tolerances are DESIGN.md's: fp32 loss 1e-5 relative, gradients 1e-5 * max|grad|; bf16 / fp16 loss 1e-3,
 gradients within 2x PyTorch's own low-precision path.  Every check runs; each failure prints its numbers.
 Then ``wspo-kernels bench`` on the issue's shapes with every importable peer (CCE, Liger,
-torch.nn.functional.linear_cross_entropy; QuACK is not wired in).  Results:
-``benchmarks/results/gpu_<gpu>_validate.{json,md}`` and ``gpu_<gpu>.{json,md,png}``.
+torch.nn.functional.linear_cross_entropy; QuACK is not wired in), and ``benchmarks/padding_free.py`` in bf16
+(padded vs packed training step, precompute against a plain forward).  Results:
+``benchmarks/results/gpu_<gpu>_validate.{json,md}``, ``gpu_<gpu>.{json,md,png}`` and ``gpu_<gpu>_padding_free.md``.
 """
 import argparse
 import contextlib
@@ -336,6 +337,14 @@ def main(argv=None):
         from wspo_kernels.bench.runner import main as bench
         bench(["--device", str(device), "--repeat", "5", "--cases", ",".join(PERF_CASES), "--out", args.out,
                "--name", name])
+        # Padded vs padding-free training step and the precompute pass against a plain forward, bf16.
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("padding_free", os.path.join(os.path.dirname(__file__),
+                                                                                   "padding_free.py"))
+        padding_free = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(padding_free)
+        padding_free.main(["--device", str(device), "--rows", "256", "--cutoff", "4096", "--steps", "6",
+                           "--out", os.path.join(args.out, name + "_padding_free.md")])
     return 1 if failed else 0
 
 

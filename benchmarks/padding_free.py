@@ -2,6 +2,7 @@
 
     python benchmarks/padding_free.py                                  # the defaults below, ~5 minutes on 2 cores
     python benchmarks/padding_free.py --rows 64 --micro-batch 8 --cutoff 1024 --out benchmarks/results/padding_free_cpu.md
+    python benchmarks/padding_free.py --device cuda --rows 512 --micro-batch 8 --cutoff 4096   # what gpu_validate.py runs
 
 Model: a small Llama-shaped model (4 layers, hidden 256, 8 heads / 4 KV heads, vocabulary 32000, fp32,
 ``attn_implementation=sdpa``; random weights).  Data: UltraFeedback-like lengths -- prompt and response
@@ -59,7 +60,7 @@ def make_rows(n, cutoff, seed=0):
 
 
 # ------------------------------------------------------------------------------------------ training
-def train_child(rows_path, padding_free, micro_batch, steps):
+def train_child(rows_path, padding_free, micro_batch, steps, device="cpu"):
     """One mode in this (fresh) process: real tokens/s of each step, positions computed, peak memory."""
     import datasets
     from transformers import TrainerCallback, TrainingArguments
@@ -82,24 +83,29 @@ def train_child(rows_path, padding_free, micro_batch, steps):
             positions.append(inputs["input_ids"].numel())
             return super().compute_loss(model, inputs, *a, **k)
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, report_to=[], use_cpu=True, save_strategy="no",
+        gpu = device.startswith("cuda")  # bf16 mixed precision there, the model's own attention (sdpa)
+        args = TrainingArguments(output_dir=out, report_to=[], use_cpu=not gpu, bf16=gpu, save_strategy="no",
                                  per_device_train_batch_size=micro_batch, max_steps=steps, learning_rate=1e-5,
                                  logging_steps=10 ** 6, seed=0)
         trainer = Counting(make_model(), args, train_dataset=datasets.Dataset.from_list(rows), gamma=0.1,
                            padding_free=padding_free, callbacks=[Clock()])
-        base = status_mib("VmRSS")
+        base = torch.cuda.memory_allocated() / 2 ** 20 if gpu else status_mib("VmRSS")
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
         trainer.train()
-        peak = status_mib("VmHWM") - base
+        peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if gpu else status_mib("VmHWM")) - base
     return dict(tokens_per_s=[t / s for t, s in zip(real[1:], times[1:])], peak_mib=peak, tokens=real,
                 positions=positions)
 
 
 # ------------------------------------------------------------------------------------------ precompute
-def precompute_rounds(rows, micro_batch, batch_tokens, repeats):
+def precompute_rounds(rows, micro_batch, batch_tokens, repeats, device="cpu"):
     import datasets
     from wspo_kernels.train import precompute_logps
     from wspo_kernels.train.precompute import length_batches
-    model = make_model(1).eval()
+    gpu = device.startswith("cuda")
+    model = make_model(1).to(device=device, dtype=torch.bfloat16 if gpu else torch.float32).eval()
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
     ds = datasets.Dataset.from_list(rows)
     tokens = sum(len(r["input_ids"]) for r in rows)
 
@@ -113,7 +119,7 @@ def precompute_rounds(rows, micro_batch, batch_tokens, repeats):
     def floor():
         with torch.inference_mode():
             for r in rows:
-                model(input_ids=torch.tensor([r["input_ids"]]), use_cache=False)
+                model(input_ids=torch.tensor([r["input_ids"]], device=device), use_cache=False)
     column = now()["ref_logps"]  # the frozen logps the training runs read (see main)
     runs = {"before": before, "now": now, "floor": floor}
     for fn in runs.values():
@@ -122,8 +128,10 @@ def precompute_rounds(rows, micro_batch, batch_tokens, repeats):
     for r in range(repeats):
         names = list(runs)[r % 3:] + list(runs)[:r % 3]
         for k in names:
+            sync()
             t0 = time.perf_counter()
             runs[k]()
+            sync()
             times[k].append(time.perf_counter() - t0)
     lengths = [len(r["input_ids"]) for r in rows]
     fixed = [list(range(b, min(len(rows), b + micro_batch))) for b in range(0, len(rows), micro_batch)]
@@ -140,15 +148,17 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per training process")
     p.add_argument("--repeats", type=int, default=2, help="training processes per mode; precompute rounds + 1")
     p.add_argument("--batch-tokens", type=int, default=16384)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (bf16 mixed-precision training, bf16 precompute)")
     p.add_argument("--out", default=None, help="also write the Markdown table here")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(train_child(args.child[0], args.child[1] == "packed", args.micro_batch, args.steps)))
+        print(json.dumps(train_child(args.child[0], args.child[1] == "packed", args.micro_batch, args.steps,
+                                     args.device)))
         return
     rows = make_rows(args.rows, args.cutoff)
     lengths = [len(r["input_ids"]) for r in rows]
-    pre = precompute_rounds(rows, args.micro_batch, args.batch_tokens, args.repeats + 1)
+    pre = precompute_rounds(rows, args.micro_batch, args.batch_tokens, args.repeats + 1, args.device)
     # A training step's cost does not depend on the frozen logps' values: one model's logps stand for all three.
     rows = [dict(r, ref_logps=lp, weak_aligned_logps=lp, weak_base_logps=lp) for r, lp in zip(rows, pre.pop("logps"))]
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,23 +169,25 @@ def main(argv=None):
         for _ in range(args.repeats):
             for mode in ("padded", "packed"):
                 out = subprocess.run([sys.executable, __file__, "--child", rows_path, mode, "--micro-batch",
-                                      str(args.micro_batch), "--steps", str(args.steps)], capture_output=True, text=True)
+                                      str(args.micro_batch), "--steps", str(args.steps), "--device", args.device],
+                                     capture_output=True, text=True)
                 if out.returncode:
                     raise SystemExit(out.stderr[-3000:])
                 train[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
                 print(f"train {mode}: {statistics.median(train[mode][-1]['tokens_per_s']):.0f} tokens/s, "
                       f"{train[mode][-1]['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
 
-    ident = machine_identity("cpu")
+    ident = machine_identity(args.device)
     tps = {m: statistics.median(v for run in runs for v in run["tokens_per_s"]) for m, runs in train.items()}
     peak = {m: statistics.median(run["peak_mib"] for run in runs) for m, runs in train.items()}
     first = train["padded"][0]
     pad_share = 1 - sum(first["tokens"]) / sum(first["positions"])
     ratio = lambda a, b: statistics.median(x / y for x, y in zip(pre["times"][a], pre["times"][b]))  # noqa: E731
     lines = [
-        f"{ident['cpu']} ({ident.get('cpu_isa')}, {ident['threads']} threads), torch {torch.__version__}; "
+        (f"{ident['gpu']} (bf16 mixed precision)" if ident.get("gpu") else
+         f"{ident['cpu']} ({ident.get('cpu_isa')}, {ident['threads']} threads)") + f", torch {torch.__version__}; "
         f"`python benchmarks/padding_free.py --rows {args.rows} --micro-batch {args.micro_batch} --cutoff {args.cutoff} "
-        f"--steps {args.steps} --repeats {args.repeats}`", "",
+        f"--steps {args.steps} --repeats {args.repeats} --device {args.device}`", "",
         f"Model: Llama-shaped, {MODEL['num_hidden_layers']} layers, hidden {MODEL['hidden_size']}, vocabulary "
         f"{MODEL['vocab_size']}, fp32, sdpa. Data: {args.rows} rows, prompt / response lengths log-normal (medians "
         f"{PROMPT_MEDIAN} / {RESPONSE_MEDIAN} tokens, sigma {PROMPT_SIGMA} / {RESPONSE_SIGMA}), cut at {args.cutoff}: "

@@ -292,3 +292,14 @@ def test_the_cli_trains_the_same_packed(tmp_path, monkeypatch):
     for name, a in weights[False].items():
         moved = (a - start[name]).abs().max().item() if name in start else a.abs().max().item()
         assert (a - weights[True][name]).abs().max().item() <= 1e-4 * max(moved, 1e-8), name
+
+
+def test_the_benchmark_script_runs(tmp_path):
+    """benchmarks/padding_free.py end to end on a few short rows (its numbers mean nothing at this size)."""
+    import runpy
+    import os
+    script = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "padding_free.py"))
+    out = tmp_path / "t.md"
+    script["main"](["--rows", "8", "--steps", "2", "--repeats", "1", "--cutoff", "64", "--out", str(out)])
+    table = out.read_text()
+    assert "| padding_free (packed) |" in table and "% of the floor" in table and "| floor: each row alone" in table
