@@ -156,6 +156,28 @@ def test_packed_training_equals_padded(tmp_path, kind, precomputed, lora):
         assert math.isclose(log_a[key], log_b[key], rel_tol=1e-4, abs_tol=1e-7), key
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_packed_training_with_gradient_checkpointing(tmp_path, reentrant):
+    """Checkpointed layers run their forward again in the backward: the packed attention must still be the
+    per-sequence one there (else every sequence would see the ones before it in the recomputation)."""
+    frozen = frozen_models()
+    rows = _rows(frozen, True)
+    weights = []
+    for padding_free in (False, True):
+        policy = model("llama", 0)
+        trainer = WSPOTrainer(policy, args(tmp_path, per_device_train_batch_size=4, max_steps=1, learning_rate=0.5,
+                                           optim="sgd", lr_scheduler_type="constant", max_grad_norm=1e9, seed=0,
+                                           gradient_checkpointing=True,
+                                           gradient_checkpointing_kwargs={"use_reentrant": reentrant}),
+                              train_dataset=datasets.Dataset.from_list(rows), gamma=0.1, padding_free=padding_free)
+        trainer.train()
+        assert policy.config._attn_implementation == "sdpa"
+        weights.append(torch.cat([p.detach().reshape(-1) for p in policy.parameters()]))
+    start = torch.cat([p.reshape(-1) for p in model("llama", 0).parameters()])
+    moved = (weights[0] - start).abs().max().item()
+    assert moved > 1e-6 and (weights[0] - weights[1]).abs().max().item() <= 1e-4 * moved
+
+
 def _ddp_worker(rank, world, path, rows, port):
     import os
     import torch.distributed as dist
@@ -244,6 +266,12 @@ def test_padding_free_bad_input_is_refused_before_any_model_runs(tmp_path):
         trainer.compute_loss(trainer.model, {**packed, "attention_mask": torch.ones_like(packed["input_ids"])})
     with pytest.raises(ValueError, match="padding_free: the batch is not packed"):
         trainer.compute_loss(trainer.model, WSPODataCollator(0)(examples(3)))
+    padded = WSPOTrainer(tiny(0), args(tmp_path), **frozen)
+    with pytest.raises(ValueError, match="a packed batch .* reached a WSPOTrainer built without padding_free=True"):
+        padded.compute_loss(padded.model, packed)
+    # a packing collator makes a padding-free trainer, probe included
+    assert WSPOTrainer(tiny(0), args(tmp_path), data_collator=WSPODataCollator(0, padding_free=True),
+                       **frozen).padding_free
 
 
 def test_config_keys(tmp_path):
@@ -260,8 +288,17 @@ def test_config_keys(tmp_path):
                  else "group_by_length=true")
     with pytest.raises(ConfigError, match="padding_free and group_by_length"):
         parse("padding_free=true", by_length)
-    with pytest.raises(ConfigError, match=r"precompute_batch_tokens \(64\) is smaller than cutoff_len \(128\)"):
-        parse("precompute_batch_tokens=64", "cutoff_len=128")
+    with pytest.raises(ConfigError, match=r"precompute_batch_tokens must be >= 1"):
+        parse("precompute_batch_tokens=0")
+
+
+def test_a_precompute_budget_smaller_than_a_row_is_a_config_error(tmp_path, capsys):
+    from wspo_kernels.__main__ import main as wspo_main
+    paths, data = save_tiny_checkpoints(tmp_path)
+    config = write_config(tmp_path / "c.yaml", paths, data, tmp_path / "out", "precompute_batch_tokens: 3")
+    assert wspo_main(["train", config]) == 2
+    err = capsys.readouterr().err
+    assert "error: precompute_batch_tokens=3 is smaller than the longest row" in err and "Traceback" not in err
 
 
 def test_the_cli_trains_the_same_packed(tmp_path, monkeypatch):
@@ -303,3 +340,21 @@ def test_the_benchmark_script_runs(tmp_path):
     script["main"](["--rows", "8", "--steps", "2", "--repeats", "1", "--cutoff", "64", "--out", str(out)])
     table = out.read_text()
     assert "| padding_free (packed) |" in table and "% of the floor" in table and "| floor: each row alone" in table
+
+
+def test_sliding_window_attention_packed(tmp_path):
+    """Mistral-style sliding-window attention (a window of 3 over sequences of up to 7 tokens) keeps its band
+    in the packed sdpa path: each packed sequence's hidden states are the ones it gets alone."""
+    from transformers import MistralConfig, MistralForCausalLM
+    from wspo_kernels.train.model_io import lm_head_inputs, packed_kwargs
+    torch.manual_seed(0)
+    m = MistralForCausalLM(MistralConfig(**SMALL, sliding_window=3, attn_implementation="sdpa")).eval()
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(1, VOCAB, (n,), generator=g) for n in (7, 2, 5)]
+    positions = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    cu = torch.tensor([0, 7, 9, 14])
+    with torch.no_grad():
+        packed = lm_head_inputs(m, torch.cat(seqs)[None], longest=7, **packed_kwargs(m, positions, cu, 7))[0][0]
+        alone = torch.cat([lm_head_inputs(m, s[None])[0][0] for s in seqs])
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    assert m.config._attn_implementation == "sdpa"  # the packed forward's swap is undone

@@ -238,8 +238,12 @@ def precomputed_dataset(config, tokenizer, ds):
 
 
 def _precomputed_dataset(config, tokenizer, ds, cache):
-    from .precompute import CacheChanged, cached_roles, load_cached_logps, precompute_logps
+    from .precompute import CacheChanged, cached_roles, check_batch_tokens, load_cached_logps, precompute_logps
     w = config.wspo
+    try:  # the rows as cut (cutoff_len capped at the context): each must fit a batch, checked before any model loads
+        check_batch_tokens(ds, w.precompute_batch_tokens, key="precompute_batch_tokens")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     numerics = frozen_numerics(w, config.training)
     sources = _sources(w)
     ids = _model_ids(sources, numerics, cache)

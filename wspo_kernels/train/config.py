@@ -59,7 +59,7 @@ class WSPOArguments:
     precompute_batch_size: int = _key(8, "most rows per batch of the precompute pass")
     precompute_batch_tokens: int = _key(16384, "padded tokens per batch of the precompute pass: rows run longest "
                                                "first in batches of similar lengths (little padding), at most "
-                                               "precompute_batch_size rows; must hold a row of cutoff_len tokens")
+                                               "precompute_batch_size rows; must hold the longest row")
     backend: Optional[str] = _key(None, "loss backend (auto, torch, native, triton)")
     padding_free: bool = _key(False, "pack each micro-batch's rows into one sequence instead of padding them: "
                                      "position_ids restart per row and the sequences never attend to each other "
@@ -249,8 +249,7 @@ def _check_ranges(w: WSPOArguments, t):
         (w.lora_alpha is None or w.lora_alpha > 0, "lora_alpha must be > 0"),
         (0 <= w.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
         (w.precompute_batch_size >= 1, "precompute_batch_size must be >= 1"),
-        (w.precompute_batch_tokens >= w.cutoff_len, f"precompute_batch_tokens ({w.precompute_batch_tokens}) is smaller "
-         f"than cutoff_len ({w.cutoff_len}): a row of cutoff_len tokens would not fit a batch; raise it"),
+        (w.precompute_batch_tokens >= 1, "precompute_batch_tokens must be >= 1"),
         (w.eval_batch_tokens >= 1, "eval_batch_tokens must be >= 1"),
         (t.learning_rate > 0, "learning_rate must be > 0"),
         (t.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1"),

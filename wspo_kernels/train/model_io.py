@@ -110,16 +110,25 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     ``[1, Hkv, N, D]`` -> ``[1, N, Hq, D]``, each sequence of ``cu_seq_lens_q`` attending causally to itself."""
     if cu_seq_lens_q is None or query.shape[0] != 1:
         raise ValueError(f"{VARLEN_SDPA} runs packed rows only (one row and cu_seq_lens_q)")
-    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
-        raise NotImplementedError(f"{VARLEN_SDPA}: sliding-window and soft-capped attention are not supported")
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError(f"{VARLEN_SDPA}: soft-capped attention scores are not supported")
+    window = kwargs.get("sliding_window")  # a query sees the keys at most window - 1 positions back
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: each key / value head serves `groups` query heads
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     bounds = cu_seq_lens_q.tolist()
     p = dropout if module.training else 0.0
-    parts = [torch.nn.functional.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
-                                                              dropout_p=p, is_causal=True, scale=scaling)
-             for a, b in zip(bounds[:-1], bounds[1:])]
+    parts = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        q, k, v = query[:, :, a:b], key[:, :, a:b], value[:, :, a:b]
+        if window is not None and b - a > window:
+            i = torch.arange(b - a, device=query.device)
+            band = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+            parts.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=band, dropout_p=p,
+                                                                          scale=scaling))
+        else:
+            parts.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
+                                                                          scale=scaling))
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
 
 
@@ -142,7 +151,8 @@ def packed_kwargs(model, position_ids, cu_seqlens, max_seqlen):
     kwargs = {"position_ids": position_ids}
     implementation = attention_implementation(model)
     if implementation in _VARLEN_IMPLEMENTATIONS or implementation.endswith("flash-attn") \
-            or implementation.endswith("flash-attn3") or (implementation == "sdpa" and _HAVE_VARLEN_SDPA):
+            or implementation.endswith("flash-attn3") or implementation == VARLEN_SDPA \
+            or (implementation == "sdpa" and _HAVE_VARLEN_SDPA):
         cu = cu_seqlens.to(device=position_ids.device, dtype=torch.int32)
         kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_seqlen, max_length_k=max_seqlen)
     return kwargs
@@ -150,8 +160,9 @@ def packed_kwargs(model, position_ids, cu_seqlens, max_seqlen):
 
 @contextlib.contextmanager
 def packed_attention(model):
-    """For the forward of a packed row: sdpa becomes ``varlen_sdpa_attention`` (the config is restored after
-    it, so nothing saved names it)."""
+    """For the forward of a packed row -- and, training, its backward, where checkpointed layers run their
+    forward again -- sdpa becomes ``varlen_sdpa_attention``; the config is restored after it, so nothing
+    saved names it.  Nested uses are no-ops."""
     config = _unwrap(model).config
     if attention_implementation(model) != "sdpa" or not _HAVE_VARLEN_SDPA:
         yield
@@ -179,7 +190,7 @@ def check_keeps_boundaries(model, name: str) -> None:
         device = next(inner.parameters()).device
     except StopIteration:
         return
-    vocab = inner.get_output_embeddings().weight.shape[0]
+    vocab = getattr(inner.config, "vocab_size", None) or inner.get_output_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(0)
     first, second, shared = (torch.randint(1, vocab, (4,), generator=g) for _ in range(3))
     positions = torch.arange(4).repeat(2)[None].to(device)
@@ -191,7 +202,7 @@ def check_keeps_boundaries(model, name: str) -> None:
         with torch.no_grad(), packed_attention(inner):
             logits = [inner(input_ids=torch.cat([a, shared])[None].to(device), use_cache=False, **kwargs).logits[0, 4:]
                       for a in (first, second)]
-    except (TypeError, ValueError) as e:  # a forward that does not take (or pass on) the sequences' boundaries
+    except (TypeError, ValueError, NotImplementedError) as e:  # no (or no usable) sequence boundaries
         raise PackingUnsupported(f"padding_free: {name} ({type(inner).__name__}) cannot run a packed row "
                                  f"({type(e).__name__}: {e}): train it with padded batches (padding_free: false)") from None
     finally:

@@ -54,7 +54,7 @@ from .._inputs import check_gamma
 from . import checkpoints, storage
 from .data import IGNORE_INDEX, LOGPS_COLUMNS, WSPODataCollator
 from .model_io import (check_keeps_boundaries, check_supported, disable_dropout_in, gathered_for_loss, lm_head_inputs,
-                       packed_kwargs)
+                       packed_attention, packed_kwargs)
 
 ROLES = ("ref", "weak_aligned", "weak_base")
 METRICS = ("tokens", "delta_strong", "delta_weak", "policy_logps", "micro_batches", "grid_logps")
@@ -107,8 +107,8 @@ def count_sequences(labels: torch.Tensor, cu_seqlens=None) -> int:
     batch (``cu_seqlens``) each sequence's first token is never a target."""
     if cu_seqlens is None:
         return int(((labels[:, 1:] != IGNORE_INDEX).sum(-1) > 0).sum())
-    cu = cu_seqlens.long()
-    target = labels.reshape(-1) != IGNORE_INDEX
+    cu = cu_seqlens.long().cpu()  # once per optimizer step, on the host: the batch may already be on a GPU
+    target = labels.reshape(-1).cpu() != IGNORE_INDEX
     target[cu[:-1][cu[:-1] < target.numel()]] = False
     seq = torch.repeat_interleave(torch.arange(cu.numel() - 1), cu[1:] - cu[:-1])
     return int((torch.zeros(cu.numel() - 1).index_add_(0, seq, target.float()) > 0).sum())
@@ -131,6 +131,11 @@ class WSPOTrainer(Trainer):
                              "batches have none, and sorting changes which rows share an optimizer step: drop one")
         if padding_free and isinstance(data_collator, WSPODataCollator) and not data_collator.padding_free:
             raise ValueError("padding_free: the data_collator pads: pass WSPODataCollator(..., padding_free=True)")
+        # A packing collator makes a padding-free trainer: its models must be probed like any other's.
+        padding_free = padding_free or bool(getattr(data_collator, "padding_free", False))
+        if padding_free and getattr(args, "n_gpu", 1) > 1 and getattr(args, "local_rank", -1) == -1:
+            raise ValueError("padding_free: torch.nn.DataParallel (several GPUs in one process) splits the packed row "
+                             "along its batch dimension of 1: launch one process per GPU (torchrun)")
         if data_collator is None:
             pad = getattr(kwargs.get("processing_class"), "pad_token_id", None)
             pad = pad if pad is not None else getattr(getattr(model, "config", None), "pad_token_id", None)
@@ -157,11 +162,15 @@ class WSPOTrainer(Trainer):
                 if m is not None:
                     disable_dropout_in(m)
         self.padding_free = padding_free
+        self._unprobed = {}  # ZeRO-3 models hold placeholders until the engine runs them: probed on the first step
         if padding_free:  # before any step: a model that lets packed sequences see each other is refused
-            check_keeps_boundaries(model, "the policy")
-            for role, m in self.frozen_models.items():
-                if m is not None:
-                    check_keeps_boundaries(m, f"the {role} model")
+            for name, m in [("the policy", model)] + [(f"the {r} model", m) for r, m in self.frozen_models.items()]:
+                if m is None:
+                    continue
+                if any(hasattr(p, "ds_id") for p in m.parameters()):
+                    self._unprobed[name] = m
+                else:
+                    check_keeps_boundaries(m, name)
         self._num_sequences = None       # global sequence count of the current optimizer step
         self._hold_gathered = None       # training_step's stack of ZeRO-3 gathers, held through the backward
         self._metrics = {"train": defaultdict(float), "eval": defaultdict(float)}
@@ -326,6 +335,8 @@ class WSPOTrainer(Trainer):
         # reduce-scatters as it does for any module.
         try:
             with contextlib.ExitStack() as self._hold_gathered:
+                if "cu_seqlens" in inputs:  # through the backward too: checkpointed layers rerun their forward there
+                    self._hold_gathered.enter_context(packed_attention(model))
                 with self.compute_loss_context_manager():
                     loss = self.compute_loss(model, inputs)
                 if self.stop_on_nonfinite:  # a device flag: read once per optimizer step (_check_finite)
@@ -373,9 +384,15 @@ class WSPOTrainer(Trainer):
                 raise ValueError("padding_free: the batch is not packed (no cu_seqlens): use "
                                  "WSPODataCollator(..., padding_free=True)")
             return lm_head_inputs(model, inputs["input_ids"], inputs.get("attention_mask"))
+        if not self.padding_free:
+            raise ValueError("a packed batch (cu_seqlens) reached a WSPOTrainer built without padding_free=True: its "
+                             "models were not checked for keeping packed sequences apart")
         if inputs.get("attention_mask") is not None:
             raise ValueError("padding_free: a packed batch carries an attention_mask; its sequences are kept apart by "
                              "the position_ids that restart at 0 (and cu_seqlens): drop the mask")
+        while self._unprobed:  # ZeRO-3: every rank probes in the same order, the engine gathering each layer
+            name, unprobed = self._unprobed.popitem()
+            check_keeps_boundaries(unprobed, name)
         hidden, weight, bias = lm_head_inputs(
             model, inputs["input_ids"], longest=inputs["max_seqlen"],
             **packed_kwargs(model, inputs["position_ids"], inputs["cu_seqlens"], inputs["max_seqlen"]))
