@@ -14,10 +14,11 @@
   shards (``wspo_kernels.vocab_parallel``), frozen heads may be sharded the same way or precomputed.
 - Padding-free batches (``padding_free=True``, TRL's and LLaMA-Factory's ``neat_packing``): each
   micro-batch's rows are packed into one row (``WSPODataCollator(padding_free=True)``), kept apart by
-  position_ids that restart at 0 (transformers then builds a block-diagonal causal mask: sdpa, eager) or
-  by FlashAttention's varlen kwargs, and handed to the loss with ``cu_seqlens``.  No attention mask, no
-  padded positions.  Every model is probed once when the trainer is built (``check_keeps_boundaries``)
-  and refused if packed sequences can see each other.  The normaliser and every metric keep their
+  per-sequence attention (sdpa: ``model_io.varlen_sdpa_attention``, in place through the backward), the
+  block-diagonal mask transformers builds from position_ids that restart at 0 (eager), or FlashAttention's
+  varlen kwargs, and handed to the loss with ``cu_seqlens``.  No attention mask, no padded positions.
+  Every model is probed once when the trainer is built (``check_keeps_boundaries``; ZeRO-3: on the first
+  step) and refused if packed sequences can see each other.  The normaliser and every metric keep their
   meaning (the official per-micro-batch means divide by the grid the rows would have padded to).
 - Dropout is disabled in the policy and every frozen model (``disable_dropout=True``, as the official
   trainer does): two evaluations of one batch give one loss.
