@@ -163,18 +163,25 @@ def _timed(step, x, device):
     return time.perf_counter() - t0
 
 
+def _copy_buffers(device):
+    """Source and destination of the copy-bandwidth probe: 1 GiB on a GPU, 256 MiB on a CPU."""
+    src = torch.empty(2 ** 30 if device.type == "cuda" else 2 ** 28, dtype=torch.uint8, device=device).fill_(1)
+    return src, torch.empty_like(src)
+
+
+def _copy_gbps(src, dst, device, repeat=5):
+    """Copy bandwidth, GB/s counting the bytes read and the bytes written, best of ``repeat``."""
+    return 2 * src.numel() / _time_best(lambda: dst.copy_(src), device, repeat) / 1e9
+
+
 class _Floors:
     """The physical rates a case is measured against, measured once per round beside the implementations:
     copy bandwidth (GB/s, read + write), the native exp rate (G exp/s; CPU, where the kernels are built)
     and, for a linear case, its bare GEMMs (s each, into a preallocated output)."""
 
-    COPY_BYTES = {"cuda": 2 ** 30, "cpu": 2 ** 28}
-
     def __init__(self, c, device):
         self.c, self.device = c, device
-        n = self.COPY_BYTES["cuda" if device.type == "cuda" else "cpu"]
-        self.src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
-        self.dst = torch.empty_like(self.src)
+        self.src, self.dst = _copy_buffers(device)
         self.exp = None
         if device.type == "cpu":
             from ..backends import native
@@ -183,7 +190,7 @@ class _Floors:
         self.gemms = _gemm_steps(c, device) if c["kind"] == "linear" else None
 
     def measure(self):
-        out = dict(copy_gbps=2 * self.src.numel() / _time_best(lambda: self.dst.copy_(self.src), self.device, 2) / 1e9)
+        out = dict(copy_gbps=_copy_gbps(self.src, self.dst, self.device, repeat=2))
         if self.exp is not None:
             out["exp_gps"] = self.exp.exp_rate(20000)
         if self.gemms is not None:
@@ -244,10 +251,7 @@ def machine_info(device):
     here = os.path.dirname(os.path.abspath(__file__))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here)
     info["commit"] = commit.stdout.strip() or None
-    n_bytes = (2 ** 30 if device.type == "cuda" else 2 ** 28)
-    src = torch.empty(n_bytes, dtype=torch.uint8, device=device).fill_(1)
-    dst = torch.empty_like(src)
-    info["copy_gbps"] = 2 * n_bytes / _time_best(lambda: dst.copy_(src), device) / 1e9   # read + write
+    info["copy_gbps"] = _copy_gbps(*_copy_buffers(device), device)
     info["gemm_s"] = {}   # the bare GEMMs of each linear case, filled by run()
     return info
 

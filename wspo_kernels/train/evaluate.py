@@ -29,6 +29,7 @@ import torch
 from .. import linear_token_logprobs
 from .data import WSPODataCollator
 from .model_io import lm_head_inputs
+from .precompute import NonFiniteLogpsError, length_batches
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile, for the Wilson interval
 DEFAULT_BATCH_TOKENS = 16384  # padded tokens per forward: rows sorted by length keep padding small
@@ -44,26 +45,12 @@ def wilson_interval(wins, n, z=Z_95):
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def length_batches(lengths, batch_tokens):
-    """Row indices grouped longest first, each group's padded size (rows x longest) within ``batch_tokens``
-    (a row longer than the budget goes alone)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches, current = [], []
-    for i in order:
-        if current and lengths[current[0]] * (len(current) + 1) > batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    return batches + ([current] if current else [])
-
-
 @torch.inference_mode()
 def sequence_logps(model, rows, *, pad_token_id=0, batch_tokens=DEFAULT_BATCH_TOKENS, backend=None,
                    autocast_dtype=None, progress=None, name="the model"):
     """(sum of the response tokens' logps [N] float64, response token count [N]) of tokenised rows
     ({"input_ids", "labels"}, prompt labels -100).  A non-finite sum (NaN / inf weights, an overflow) is
     refused, naming ``name``: a NaN margin would count as a loss and pass for a result."""
-    from .precompute import NonFiniteLogpsError
     device = next(model.parameters()).device
     collate = WSPODataCollator(pad_token_id)
     sums = torch.zeros(len(rows), dtype=torch.float64)
@@ -444,7 +431,6 @@ def main(argv):
 
     from .cli import _dtype, _local, _say, effective_cutoff
     from .config import EVAL_REQUIRED, ConfigError, parse_config
-    from .precompute import NonFiniteLogpsError
     argv = [argv] if isinstance(argv, str) else list(argv)
     config = parse_config(_config_from_run(argv), prog="wspo-kernels eval", required=EVAL_REQUIRED,
                           paths=("eval_dataset",))
