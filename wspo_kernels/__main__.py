@@ -115,20 +115,27 @@ def _train_command(command, argv):
             (cli.train_main if command == "train" else cli.precompute_main)(argv)
     except (cli.ConfigError, FileNotFoundError) as e:
         # Like every argparse tool: the usage line first, then the one-line error.
-        print(f"usage: {prog} [-h] CONFIG [key=value ...]\n{prog}: error: {e}", file=sys.stderr)
+        _say_error(f"usage: {prog} [-h] CONFIG [key=value ...]\n{prog}: error: {e}")
         return EXIT_CONFIG
     except cli.RUN_ERRORS as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        _say_error(f"{prog}: error: {e}")
         return EXIT_RUN
     except cli.Interrupted as e:
-        print(f"{prog}: {e}", file=sys.stderr)
+        _say_error(f"{prog}: {e}")
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        _say_error(f"{prog}: interrupted")
         return EXIT_INTERRUPTED
     finally:
         _end_process_group()
     return 0
+
+
+def _say_error(text):
+    """``text`` and its newline on stderr in one write: under torchrun every rank reports, and print's two
+    writes (text, then newline) let another rank's line land between them."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 def _end_process_group():
